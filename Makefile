@@ -1,0 +1,28 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch is pinned first, so no dependency pulls a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: demo test lint clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.base
+	$(PY) examples/demo.py
+
+test: $(VENV)/.dev
+	$(PY) -m ruff check lightning_align tests examples
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

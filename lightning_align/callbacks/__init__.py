@@ -1,0 +1,3 @@
+from lightning_align.callbacks.lora import LoRA, QLoRA
+
+__all__ = ["LoRA", "QLoRA"]

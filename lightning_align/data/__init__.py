@@ -1,0 +1,5 @@
+from lightning_align.data.base import AlignDataModule, load_tokenizer
+from lightning_align.data.sft import SFTDataModule
+from lightning_align.data.sources import DataError, read_rows
+
+__all__ = ["AlignDataModule", "DataError", "SFTDataModule", "load_tokenizer", "read_rows"]

@@ -1,0 +1,107 @@
+"""What every DataModule of the library shares: the tokenizer, reading sources, a validation split, loaders."""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+from lightning_align.data.formats import chat_template_check
+from lightning_align.data.sources import DataError, DataSource, Row, read_rows
+
+
+def load_tokenizer(name_or_path: str, chat_template: str | None = None):
+    """Load a tokenizer; a missing pad token falls back to EOS (padding is masked out everywhere)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as err:
+        raise DataError(f"tokenizer '{name_or_path}' could not be loaded: {err}") from None
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise DataError(
+                f"tokenizer '{name_or_path}' has neither a pad nor an EOS token; add one with "
+                "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and save it, then resize the model's embeddings"
+            )
+        rank_zero_warn(f"tokenizer '{name_or_path}' has no pad token; using EOS ({tokenizer.eos_token!r}) for padding")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class AlignDataModule(L.LightningDataModule):
+    """Reads `train_data` (and `val_data`, or a held-out share of train), encodes each row, batches them."""
+
+    def __init__(
+        self,
+        tokenizer: str,
+        train_data: DataSource,
+        val_data: DataSource | None = None,
+        val_fraction: float = 0.0,
+        batch_size: int = 8,
+        max_length: int = 1024,
+        chat_template: str | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.tokenizer_name = tokenizer
+        self.tokenizer = load_tokenizer(tokenizer, chat_template)
+        self.train_data, self.val_data = train_data, val_data
+        self.val_fraction = val_fraction
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_set: list[dict] | None = None
+        self.val_set: list[dict] = []
+
+    def encode(self, row: Row) -> dict:
+        raise NotImplementedError
+
+    def collate(self, examples: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def encode_rows(self, rows: list[Row]) -> list[dict]:
+        if any(isinstance(row.fields.get("messages"), list) for row in rows[:1]):
+            chat_template_check(self.tokenizer, self.tokenizer_name)
+        return [self.encode(row) for row in rows]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_rows = read_rows(self.train_data)
+        if not train_rows:
+            raise DataError(f"{self.train_data}: no rows")
+        if self.val_data is not None:
+            val_rows = read_rows(self.val_data)
+        elif self.val_fraction > 0:
+            order = list(range(len(train_rows)))
+            random.Random(self.seed).shuffle(order)
+            n_val = max(1, int(len(train_rows) * self.val_fraction))
+            val_rows = [train_rows[i] for i in sorted(order[:n_val])]
+            train_rows = [train_rows[i] for i in sorted(order[n_val:])]
+        else:
+            val_rows = []
+        self.train_set = self.encode_rows(train_rows)
+        self.val_set = self.encode_rows(val_rows)
+
+    def loader(self, examples: list[dict], shuffle: bool) -> DataLoader:
+        return DataLoader(
+            examples,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self.loader(self.val_set, shuffle=False) if self.val_set else []

@@ -1,0 +1,87 @@
+"""Row formats: check fields and turn each row into text segments, each marked as scored or not.
+
+Segments are tokenised one by one and concatenated (see tokenize.py), so the prompt's tokens are a true prefix
+of the whole sequence even when a tokenizer would merge characters across the prompt/response boundary.
+"""
+
+from __future__ import annotations
+
+from lightning_align.data.sources import DataError, Row
+
+Segments = list[tuple[str, bool]]  # (text, scored)
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def text_field(row: Row, field: str, allow_empty: bool = False) -> str:
+    if field not in row.fields:
+        present = ", ".join(sorted(row.fields)) or "none"
+        raise DataError(f"{row.where()}: missing field '{field}' (fields present: {present})")
+    value = row.fields[field]
+    if not isinstance(value, str):
+        raise DataError(f"{row.where(field)}: expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{row.where(field)}: is empty; every row needs a non-empty '{field}'")
+    return value
+
+
+def chat_messages(row: Row, field: str) -> list[dict]:
+    messages = row.fields.get(field)
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{row.where(field)}: expected a non-empty list of {{'role', 'content'}} messages")
+    for i, message in enumerate(messages):
+        where = row.where(f"{field}[{i}]")
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise DataError(f"{where}: expected an object with string 'role' and 'content'")
+        if message["role"] not in CHAT_ROLES:
+            raise DataError(f"{where}: unknown role '{message['role']}'; roles are {', '.join(CHAT_ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: 'content' must be a string, got {type(message.get('content')).__name__}")
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise DataError(f"{where}: assistant message is empty")
+    return messages
+
+
+def render_chat(messages: list[dict], tokenizer, row: Row) -> Segments:
+    """Split a rendered chat into segments: each assistant reply scored, everything else not.
+
+    Renders every prefix of the conversation with the tokenizer's own template, so any template works: the
+    reply is the text the template adds after the generation prompt.
+    """
+    segments: Segments = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not before.startswith(done) or not through.startswith(before):
+            raise DataError(
+                f"{row.where()}: the chat template does not render this conversation as a sequence of growing "
+                "prefixes, so assistant replies cannot be located; use prompt/completion rows instead"
+            )
+        segments += [(before[len(done) :], False), (through[len(before) :], True)]
+        done = through
+    if not segments:
+        raise DataError(f"{row.where()}: the conversation has no assistant message to train on")
+    return [(text, scored) for text, scored in segments if text]
+
+
+def sft_segments(row: Row, tokenizer) -> Segments:
+    """Segments of an SFT row: `{"messages": [...]}` chat rows, or `{"prompt", "completion"}` plain-text rows."""
+    if "messages" in row.fields:
+        return render_chat(chat_messages(row, "messages"), tokenizer, row)
+    if "prompt" not in row.fields and "completion" not in row.fields:
+        raise DataError(
+            f"{row.where()}: expected 'prompt' and 'completion' fields, or 'messages'; "
+            f"got {', '.join(sorted(row.fields)) or 'no fields'}"
+        )
+    prompt = text_field(row, "prompt", allow_empty=True)
+    return [(prompt, False), (text_field(row, "completion"), True)]
+
+
+def chat_template_check(tokenizer, tokenizer_name: str) -> None:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            f"tokenizer '{tokenizer_name}' has no chat template, so 'messages' rows cannot be rendered; pass "
+            "chat_template='...' (a Jinja template) to the DataModule, or use prompt/completion rows"
+        )

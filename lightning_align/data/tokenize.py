@@ -1,0 +1,66 @@
+"""Tokenise segments into `input_ids` and `labels` (-100 on unscored positions), with explicit truncation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from lightning_align.data.formats import Segments
+from lightning_align.data.sources import DataError, Row
+
+IGNORE_INDEX = -100
+Truncation = Literal["left", "error"]
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of plain text by itself (Llama-style post-processors do)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def encode_segments(
+    segments: Segments, tokenizer, row: Row, *, add_bos: bool, train_on_prompt: bool = False
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a row's segments, each segment tokenised on its own.
+
+    Every scored segment ends with EOS (added once, unless the text, e.g. a chat template, already has it), so the
+    model learns to stop. BOS is added only when asked and not already present, so it is never doubled.
+    """
+    eos = tokenizer.eos_token_id
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, scored in segments:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if scored and eos is not None and eos not in ids:
+            ids = ids + [eos]
+        input_ids += ids
+        labels += ids if (scored or train_on_prompt) else [IGNORE_INDEX] * len(ids)
+    bos = tokenizer.bos_token_id
+    if add_bos and bos is not None and input_ids[:1] != [bos]:
+        input_ids.insert(0, bos)
+        labels.insert(0, bos if train_on_prompt else IGNORE_INDEX)
+    if all(label == IGNORE_INDEX for label in labels):
+        raise DataError(f"{row.where()}: no token is scored, so this row would train on nothing")
+    return input_ids, labels
+
+
+def truncate(
+    input_ids: list[int], labels: list[int], max_length: int, policy: Truncation, row: Row
+) -> tuple[list[int], list[int]]:
+    """Fit a row into `max_length` tokens.
+
+    policy "left": drop prompt tokens from the left first (the response is what is learned), then cut the end of
+    the response; "error": refuse the row.
+    """
+    excess = len(input_ids) - max_length
+    if excess <= 0:
+        return input_ids, labels
+    if policy == "error":
+        raise DataError(
+            f"{row.where()}: {len(input_ids)} tokens, longer than max_length={max_length}; raise max_length, "
+            "shorten the row, or set truncation='left'"
+        )
+    if policy != "left":
+        raise ValueError(f"unknown truncation policy {policy!r}; use 'left' or 'error'")
+    prompt_length = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    drop = min(excess, prompt_length)
+    return input_ids[drop:][:max_length], labels[drop:][:max_length]

@@ -1,0 +1,173 @@
+"""What every method module shares: loading the model (shaped by adapter callbacks), the optimiser and schedule,
+throughput logging and export in Hugging Face format."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+
+class ModelAdapter:
+    """Implemented by callbacks that shape the model as it is built (LoRA, QLoRA).
+
+    The module asks its trainer's callbacks for one and calls `load_kwargs` before loading the weights (for
+    quantisation) and `adapt` after; the module itself never knows which adapter, if any, is in use.
+    """
+
+    def load_kwargs(self, module: AlignModule) -> dict:
+        return {}
+
+    def adapt(self, model: nn.Module, module: AlignModule) -> nn.Module:
+        return model
+
+    def merged_copy(self, model: nn.Module, module: AlignModule) -> nn.Module:
+        return model
+
+
+def load_pretrained(name_or_path: str, auto_class: type, **kwargs) -> nn.Module:
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(f"model '{name_or_path}' could not be loaded: {err}") from None
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class AlignModule(L.LightningModule):
+    """Base of the method modules.
+
+    Args:
+        model: a Hugging Face model name or folder (loaded in `configure_model`, so sharded strategies can build
+            it), or an `nn.Module` instance.
+        learning_rate, weight_decay, betas: AdamW settings (no weight decay on biases and norms).
+        warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to `learning_rate * min_lr_ratio`.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        torch_dtype: dtype to load the weights in ("float32", "bfloat16"); by default the checkpoint's.
+    """
+
+    auto_class_name = "AutoModelForCausalLM"
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        gradient_checkpointing: bool = False,
+        torch_dtype: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else [])
+        self.model_name_or_path = model if isinstance(model, str) else None
+        self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.gradient_checkpointing = gradient_checkpointing
+        self.torch_dtype = torch_dtype
+        self.model_ready = False
+        self.batch_started_at: float | None = None
+
+    # ----- the model ---------------------------------------------------------------------------------------------
+    @property
+    def adapter(self) -> ModelAdapter | None:
+        if self._trainer is None:
+            return None
+        adapters = [cb for cb in self.trainer.callbacks if isinstance(cb, ModelAdapter)]
+        if len(adapters) > 1:
+            raise ValueError(f"more than one adapter callback: {adapters}; use one of LoRA, QLoRA")
+        return adapters[0] if adapters else None
+
+    def configure_model(self) -> None:
+        if self.model_ready:
+            return
+        adapter = self.adapter
+        if self.model is None:
+            self.model = self.load_model(**(adapter.load_kwargs(self) if adapter else {}))
+        if self.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if adapter is not None:
+            self.model = adapter.adapt(self.model, self)
+        self.model_ready = True
+
+    def load_model(self, **kwargs) -> nn.Module:
+        import transformers
+
+        if self.torch_dtype is not None:
+            kwargs.setdefault("dtype", getattr(torch, self.torch_dtype))
+        return load_pretrained(self.model_name_or_path, getattr(transformers, self.auto_class_name), **kwargs)
+
+    # ----- optimisation ------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        decay = [p for n, p in trainable if p.ndim >= 2]
+        no_decay = [p for n, p in trainable if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.learning_rate,
+            betas=self.betas,
+        )
+        total = self.trainer.estimated_stepping_batches
+        total = int(total) if math.isfinite(total) else 10**9
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_with_warmup(step, self.warmup_steps, total, self.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ----- throughput --------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self.batch_started_at = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.batch_started_at is None or "input_ids" not in batch:
+            return
+        seconds = time.perf_counter() - self.batch_started_at
+        tokens = real_tokens(batch)
+        self.log("train/tokens_per_sec", tokens / max(seconds, 1e-9), on_step=True, on_epoch=False)
+
+    # ----- export ------------------------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, merge_adapter: bool = False) -> Path:
+        """Save in Hugging Face format: the adapter alone (peft format), or with `merge_adapter` a plain model
+        folder that `from_pretrained` loads. The tokenizer is saved alongside when the model came from a folder."""
+        path = Path(path)
+        model = self.model
+        adapter = self.adapter
+        if merge_adapter and adapter is not None:
+            model = adapter.merged_copy(model, self)
+        if self.trainer.is_global_zero if self._trainer else True:
+            model.save_pretrained(path)
+            if self.model_name_or_path is not None:
+                save_tokenizer_from(self.model_name_or_path, path)
+        return path
+
+
+def real_tokens(batch: dict) -> int:
+    """Tokens that are not padding (a packed batch has no padding and no attention mask)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+def save_tokenizer_from(name_or_path: str, path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(name_or_path).save_pretrained(path)
+    except (OSError, ValueError):
+        rank_zero_info(f"no tokenizer saved with the model: none could be loaded from '{name_or_path}'")

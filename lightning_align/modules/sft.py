@@ -1,0 +1,46 @@
+"""Supervised fine-tuning: next-token cross-entropy on completion tokens."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import SumMetric
+
+from lightning_align.losses import sft_loss, token_logps
+from lightning_align.modules.base import AlignModule
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def causal_lm_logits(model, batch: dict) -> torch.Tensor:
+    # No KV cache in training: it is unused, and packed rows are recognised only without one.
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    return model(**inputs, use_cache=False).logits
+
+
+class SFTModule(AlignModule):
+    """Supervised fine-tuning of a causal LM on batches of `input_ids`, `attention_mask`, `labels` (-100 unscored).
+
+    Trains from `SFTDataModule` or any DataLoader of such dicts. Logs `train/loss`, `val/loss`,
+    `val/perplexity` (token-weighted over the whole validation set) and `train/tokens_per_sec`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.val_nll = SumMetric()
+        self.val_tokens = SumMetric()
+
+    def training_step(self, batch, batch_idx):
+        loss = sft_loss(causal_lm_logits(self.model, batch), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        logps, mask = token_logps(causal_lm_logits(self.model, batch), batch["labels"])
+        self.val_nll.update(-logps.sum())
+        self.val_tokens.update(mask.sum())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_nll.compute() / self.val_tokens.compute().clamp(min=1)
+        self.log_dict({"val/loss": loss, "val/perplexity": loss.exp()}, prog_bar=True)
+        self.val_nll.reset()
+        self.val_tokens.reset()
