@@ -29,8 +29,11 @@ class SFTModule(AlignModule):
         self.val_nll = SumMetric()
         self.val_tokens = SumMetric()
 
+    def loss(self, batch: dict) -> torch.Tensor:
+        return sft_loss(causal_lm_logits(self.model, batch), batch["labels"])
+
     def training_step(self, batch, batch_idx):
-        loss = sft_loss(causal_lm_logits(self.model, batch), batch["labels"])
+        loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -1,0 +1,108 @@
+"""SFTModule: the loss it trains on, what it logs, that it learns a task, and its export."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_align import SFTDataModule, SFTModule
+from lightning_align.data.collate import pad_collate
+from lightning_align.demos import task_accuracy
+from tests.conftest import trainer
+
+
+def test_completion_only_loss_equals_hand_computation(tiny_model, task_files):
+    from transformers import AutoModelForCausalLM
+
+    dm = SFTDataModule(tiny_model, task_files["sft_train"], batch_size=4)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module = SFTModule(AutoModelForCausalLM.from_pretrained(tiny_model))
+    module.configure_model()
+    loss = module.loss(batch)
+
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    total, count = 0.0, 0
+    for b in range(logits.shape[0]):
+        for t in range(1, logits.shape[1]):
+            label = batch["labels"][b, t].item()
+            if label == -100:
+                continue
+            scores = logits[b, t - 1]
+            total -= (scores[label] - torch.log(torch.exp(scores).sum())).item()
+            count += 1
+    prompt_tokens = int((batch["labels"] == -100).logical_and(batch["attention_mask"] == 1).sum())
+    assert prompt_tokens > 0 and count < int(batch["attention_mask"].sum())  # the prompt really is left out
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_trains_from_a_plain_dataloader_of_hugging_face_dicts(tiny_model, tokenizer, tmp_path):
+    examples = []
+    for text in ["sort: 321\n123", "add: 2+2\n4", "reverse: abc\ncba"] * 8:
+        ids = tokenizer(text).input_ids + [tokenizer.eos_token_id]
+        examples.append({"input_ids": ids, "labels": [-100] * 4 + ids[4:]})
+    loader = DataLoader(examples, batch_size=6, collate_fn=lambda rows: pad_collate(rows, tokenizer.pad_token_id))
+    module = SFTModule(tiny_model, learning_rate=3e-3)
+    module.configure_model()
+    batch = next(iter(loader))
+    with torch.no_grad():
+        before = module.loss(batch).item()
+    trainer(tmp_path, max_epochs=6).fit(module, train_dataloaders=loader)
+    with torch.no_grad():
+        after = module.loss(batch).item()
+    assert after < before * 0.6
+
+
+def test_val_loss_is_token_weighted_over_the_whole_set_and_perplexity_its_exp(tiny_model, task_files, tmp_path):
+    dm = SFTDataModule(tiny_model, task_files["sft_train"], task_files["sft_val"], batch_size=16)
+    module = SFTModule(tiny_model)
+    fit = trainer(tmp_path, max_steps=1, limit_val_batches=3)
+    fit.validate(module, datamodule=dm)
+    metrics = fit.callback_metrics
+    nll, tokens = 0.0, 0
+    for i, batch in enumerate(dm.val_dataloader()):
+        if i == 3:
+            break
+        logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps = torch.log_softmax(logits[:, :-1].double(), -1)
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        nll -= logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask].sum().item()
+        tokens += int(mask.sum())
+    assert metrics["val/loss"].item() == pytest.approx(nll / tokens, rel=1e-5)
+    assert metrics["val/perplexity"].item() == pytest.approx(torch.tensor(nll / tokens).exp().item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sft_raises_heldout_task_accuracy(tiny_model, tokenizer, task_files, tmp_path):
+    prompts = [json.loads(line)["prompt"] for line in open(task_files["sft_val"])][:150]
+    dm = SFTDataModule(tiny_model, task_files["sft_train"], task_files["sft_val"], batch_size=32, max_length=64)
+    module = SFTModule(tiny_model, learning_rate=3e-3, warmup_steps=30)
+    fit = trainer(tmp_path, max_steps=600, limit_val_batches=2, val_check_interval=300, check_val_every_n_epoch=None)
+    module.configure_model()
+    before = task_accuracy(module.model, tokenizer, prompts)
+    fit.fit(module, datamodule=dm)
+    after = task_accuracy(module.model, tokenizer, prompts)
+    print(f"SFT held-out accuracy: {before:.3f} -> {after:.3f}")
+    assert before < 0.05 and after > before + 0.2
+    assert fit.callback_metrics["train/tokens_per_sec"] > 0
+
+
+def test_save_pretrained_writes_a_folder_that_from_pretrained_loads(tiny_model, tmp_path, task_files):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dm = SFTDataModule(tiny_model, task_files["sft_train"], batch_size=8)
+    module = SFTModule(tiny_model, learning_rate=1e-3)
+    trainer(tmp_path, max_steps=3).fit(module, datamodule=dm)
+    module.save_pretrained(tmp_path / "export")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    AutoTokenizer.from_pretrained(tmp_path / "export")
+    ids = torch.tensor([[1, 30, 31, 32]])
+    torch.testing.assert_close(loaded(ids).logits, module.model.eval()(ids).logits)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    module = SFTModule(str(tmp_path / "no-such-model"))
+    with pytest.raises(FileNotFoundError, match="no-such-model' could not be loaded"):
+        module.configure_model()
