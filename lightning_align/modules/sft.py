@@ -37,6 +37,11 @@ class SFTModule(AlignModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        # Reset here, inside the loop's own grad mode: states made under inference mode cannot be updated outside.
+        self.val_nll.reset()
+        self.val_tokens.reset()
+
     def validation_step(self, batch, batch_idx):
         logps, mask = token_logps(causal_lm_logits(self.model, batch), batch["labels"])
         self.val_nll.update(-logps.sum())
@@ -45,5 +50,3 @@ class SFTModule(AlignModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_nll.compute() / self.val_tokens.compute().clamp(min=1)
         self.log_dict({"val/loss": loss, "val/perplexity": loss.exp()}, prog_bar=True)
-        self.val_nll.reset()
-        self.val_tokens.reset()

@@ -106,3 +106,13 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
     module = SFTModule(str(tmp_path / "no-such-model"))
     with pytest.raises(FileNotFoundError, match="no-such-model' could not be loaded"):
         module.configure_model()
+
+
+def test_validate_before_fit_then_validation_during_fit_works(tiny_model, task_files, tmp_path):
+    dm = SFTDataModule(tiny_model, task_files["sft_train"], task_files["sft_val"], batch_size=16)
+    module = SFTModule(tiny_model, learning_rate=3e-3)
+    fit = trainer(tmp_path, max_steps=4, limit_val_batches=2, val_check_interval=2, check_val_every_n_epoch=None)
+    fit.validate(module, datamodule=dm)
+    before = fit.callback_metrics["val/loss"].item()
+    fit.fit(module, datamodule=dm)
+    assert fit.callback_metrics["val/loss"].item() < before
