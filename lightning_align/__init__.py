@@ -1,8 +1,18 @@
 """Fine-tune and align Hugging Face causal LMs the Lightning way."""
 
 from lightning_align.callbacks import LoRA, QLoRA
-from lightning_align.data import DataError, SFTDataModule
-from lightning_align.modules import AlignModule, SFTModule
+from lightning_align.data import DataError, PreferenceDataModule, SFTDataModule
+from lightning_align.modules import AlignModule, DPOModule, RewardModule, SFTModule
 
 __version__ = "0.1.0.dev0"
-__all__ = ["AlignModule", "DataError", "LoRA", "QLoRA", "SFTDataModule", "SFTModule"]
+__all__ = [
+    "AlignModule",
+    "DPOModule",
+    "DataError",
+    "LoRA",
+    "PreferenceDataModule",
+    "QLoRA",
+    "RewardModule",
+    "SFTDataModule",
+    "SFTModule",
+]

@@ -57,3 +57,61 @@ def pairwise_reward_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margi
     if margin is not None:
         gap = gap - margin
     return -F.logsigmoid(gap).mean()
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Direct preference losses on the log-ratio margin h, per example: (losses, chosen_rewards, rejected_rewards).
+
+    h = (log pi(y+|x) - log pi_ref(y+|x)) - (log pi(y-|x) - log pi_ref(y-|x)), all inputs [batch], and with
+    eps = label_smoothing:
+      "sigmoid": -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+                 (DPO, Rafailov et al. 2023; eps > 0 is conservative DPO, cDPO)
+      "ipo":     (h - 1 / (2 beta))^2                                     (IPO, Azar et al. 2023, eq. 17)
+      "hinge":   relu(1 - beta h)                                         (SLiC, Zhao et al. 2023)
+      "robust":  (-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)
+                 (rDPO, Chowdhury et al. 2024: unbiased when a share eps of the labels is flipped; eps < 1/2)
+    Rewards are the implicit rewards beta (log pi - log pi_ref) of each response, detached.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES + ('simpo',))}")
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    h = chosen_ratio - rejected_ratio
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        if not 0 <= eps < 0.5:
+            raise ValueError(f"loss_type='robust' needs 0 <= label_smoothing < 0.5, got {eps}")
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def simpo_loss(
+    policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, beta: float = 2.0, gamma: float = 0.5
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO, reference-free (Meng et al. 2024, eq. 6), per example: (losses, chosen_rewards, rejected_rewards).
+
+    losses = -log sigmoid(beta avg_logp(y+|x) - beta avg_logp(y-|x) - gamma), where the inputs are length-averaged
+    log-probabilities (`sequence_logps(..., average=True)`) and gamma is the target reward margin.
+    Rewards are beta * avg_logp of each response, detached.
+    """
+    chosen_rewards = beta * policy_chosen_logps
+    rejected_rewards = beta * policy_rejected_logps
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()

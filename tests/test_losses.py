@@ -84,3 +84,77 @@ def test_pairwise_reward_loss_matches_bradley_terry_formula(with_margin):
     for g_ours, g_ref in zip(grads, ref_grads):
         torch.testing.assert_close(g_ours, g_ref)
     assert math.isfinite(ours.item())
+
+
+def naive_log_sigmoid(x):
+    return -torch.log(1 + torch.exp(-x))
+
+
+def naive_dpo(pc, pr, rc, rr, beta, loss_type, eps):
+    out = []
+    for i in range(len(pc)):
+        h = (pc[i] - rc[i]) - (pr[i] - rr[i])
+        if loss_type == "sigmoid":
+            out.append(-(1 - eps) * naive_log_sigmoid(beta * h) - eps * naive_log_sigmoid(-beta * h))
+        elif loss_type == "ipo":
+            out.append((h - 1 / (2 * beta)) * (h - 1 / (2 * beta)))
+        elif loss_type == "hinge":
+            out.append(torch.clamp(1 - beta * h, min=0))
+        elif loss_type == "robust":
+            out.append((-(1 - eps) * naive_log_sigmoid(beta * h) + eps * naive_log_sigmoid(-beta * h)) / (1 - 2 * eps))
+    return torch.stack(out)
+
+
+def random_logps(seed, n=6):
+    g = torch.Generator().manual_seed(seed)
+    return [(-10 * torch.rand(n, generator=g, dtype=torch.float64)).requires_grad_(True) for _ in range(4)]
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_loss_matches_naive_formula_with_gradients(loss_type, label_smoothing, beta):
+    from lightning_align.losses import dpo_loss
+
+    inputs = random_logps(seed=len(loss_type) * 100 + int(label_smoothing * 10) * 10 + int(beta * 10))
+    losses, chosen_r, rejected_r = dpo_loss(*inputs, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    ref = naive_dpo(*inputs, beta, loss_type, label_smoothing)
+    torch.testing.assert_close(losses, ref)
+    for i in range(len(losses)):
+        assert chosen_r[i].item() == pytest.approx(beta * (inputs[0][i] - inputs[2][i]).item())
+        assert rejected_r[i].item() == pytest.approx(beta * (inputs[1][i] - inputs[3][i]).item())
+    assert not chosen_r.requires_grad and not rejected_r.requires_grad
+    grads = torch.autograd.grad(losses.sum(), inputs)
+    ref_grads = torch.autograd.grad(ref.sum(), inputs)
+    for g_ours, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_dpo_loss_rejects_unknown_loss_type_listing_valid_ones():
+    from lightning_align.losses import dpo_loss
+
+    with pytest.raises(ValueError, match="unknown loss_type 'kto'; valid: sigmoid, ipo, hinge, robust, simpo"):
+        dpo_loss(*random_logps(0), loss_type="kto")
+
+
+def test_sigmoid_dpo_at_equal_policy_and_reference_is_log_2():
+    from lightning_align.losses import dpo_loss
+
+    logps = torch.randn(4, dtype=torch.float64)
+    losses, _, _ = dpo_loss(logps, logps - 1, logps, logps - 1)
+    torch.testing.assert_close(losses, torch.full_like(losses, math.log(2)))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.7])
+def test_simpo_loss_matches_naive_formula_with_gradients(gamma):
+    from lightning_align.losses import simpo_loss
+
+    chosen, rejected = random_logps(5)[:2]
+    losses, chosen_r, rejected_r = simpo_loss(chosen, rejected, beta=2.0, gamma=gamma)
+    ref = torch.stack([-naive_log_sigmoid(2.0 * chosen[i] - 2.0 * rejected[i] - gamma) for i in range(6)])
+    torch.testing.assert_close(losses, ref)
+    torch.testing.assert_close(chosen_r, 2.0 * chosen.detach())
+    grads = torch.autograd.grad(losses.sum(), (chosen, rejected))
+    ref_grads = torch.autograd.grad(ref.sum(), (chosen, rejected))
+    for g_ours, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g_ours, g_ref)

@@ -1,5 +1,6 @@
 from lightning_align.data.base import AlignDataModule, load_tokenizer
+from lightning_align.data.preference import PreferenceDataModule
 from lightning_align.data.sft import SFTDataModule
 from lightning_align.data.sources import DataError, read_rows
 
-__all__ = ["AlignDataModule", "DataError", "SFTDataModule", "load_tokenizer", "read_rows"]
+__all__ = ["AlignDataModule", "DataError", "PreferenceDataModule", "SFTDataModule", "load_tokenizer", "read_rows"]

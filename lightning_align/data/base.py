@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lightning_align.data.formats import chat_template_check
@@ -60,7 +60,8 @@ class AlignDataModule(L.LightningDataModule):
         self.train_set: list[dict] | None = None
         self.val_set: list[dict] = []
 
-    def encode(self, row: Row) -> dict:
+    def encode(self, row: Row) -> dict | None:
+        """The example of one row, or None to drop it (counted and reported)."""
         raise NotImplementedError
 
     def collate(self, examples: list[dict]) -> dict:
@@ -69,7 +70,11 @@ class AlignDataModule(L.LightningDataModule):
     def encode_rows(self, rows: list[Row]) -> list[dict]:
         if any(isinstance(row.fields.get("messages"), list) for row in rows[:1]):
             chat_template_check(self.tokenizer, self.tokenizer_name)
-        return [self.encode(row) for row in rows]
+        examples = [self.encode(row) for row in rows]
+        kept = [example for example in examples if example is not None]
+        if len(kept) < len(examples):
+            rank_zero_info(f"{rows[0].source}: dropped {len(examples) - len(kept)} of {len(examples)} rows")
+        return kept
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

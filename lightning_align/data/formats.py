@@ -41,8 +41,9 @@ def chat_messages(row: Row, field: str) -> list[dict]:
     return messages
 
 
-def render_chat(messages: list[dict], tokenizer, row: Row) -> Segments:
-    """Split a rendered chat into segments: each assistant reply scored, everything else not.
+def render_chat(messages: list[dict], tokenizer, row: Row, scored_from: int = 0) -> Segments:
+    """Split a rendered chat into segments: each assistant reply from message `scored_from` on is scored,
+    everything else not.
 
     Renders every prefix of the conversation with the tokenizer's own template, so any template works: the
     reply is the text the template adds after the generation prompt.
@@ -50,7 +51,7 @@ def render_chat(messages: list[dict], tokenizer, row: Row) -> Segments:
     segments: Segments = []
     done = ""
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < scored_from:
             continue
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
@@ -85,3 +86,28 @@ def chat_template_check(tokenizer, tokenizer_name: str) -> None:
             f"tokenizer '{tokenizer_name}' has no chat template, so 'messages' rows cannot be rendered; pass "
             "chat_template='...' (a Jinja template) to the DataModule, or use prompt/completion rows"
         )
+
+
+def preference_segments(row: Row, tokenizer) -> tuple[Segments, Segments, Segments]:
+    """(prompt, chosen, rejected) segments of a preference row.
+
+    Plain rows have text fields; chat rows have a `prompt` message list and `chosen` / `rejected` lists of the
+    assistant's messages that follow it.
+    """
+    for field in ("prompt", "chosen", "rejected"):
+        if field not in row.fields:
+            present = ", ".join(sorted(row.fields)) or "none"
+            raise DataError(f"{row.where()}: missing field '{field}' (fields present: {present})")
+    if isinstance(row.fields["chosen"], list):
+        prompt = chat_messages(row, "prompt")
+        chosen, rejected = (
+            render_chat(prompt + chat_messages(row, side), tokenizer, row, scored_from=len(prompt))
+            for side in ("chosen", "rejected")
+        )
+        # Both renderings open with the same unscored text: the prompt and the generation prompt.
+        if chosen[0] != rejected[0] or chosen[0][1]:
+            raise DataError(f"{row.where()}: the chat template renders the prompt differently before each response")
+        return [chosen[0]], chosen[1:], rejected[1:]
+    prompt = text_field(row, "prompt", allow_empty=True)
+    return [(prompt, False)], [(text_field(row, "chosen"), True)], [(text_field(row, "rejected"), True)]
+

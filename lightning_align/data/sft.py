@@ -61,7 +61,7 @@ class SFTDataModule(AlignDataModule):
             add_bos=self.tokenizer_adds_bos and not is_chat,  # a chat template places BOS itself
             train_on_prompt=self.train_on_prompt,
         )
-        input_ids, labels = truncate(input_ids, labels, self.max_length, self.truncation, row)
+        [(input_ids, labels)] = truncate([(input_ids, labels)], self.max_length, self.truncation, row)
         return {"input_ids": input_ids, "labels": labels, "row": row.number}
 
     def collate(self, examples: list[dict]) -> dict:

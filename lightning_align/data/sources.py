@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-DataSource = Union[str, Path, Any]  # a path, or a `datasets.Dataset`
+DataSource = str | Path | Any  # a path, or a `datasets.Dataset`
 
 
 class DataError(ValueError):

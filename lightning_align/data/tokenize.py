@@ -44,23 +44,24 @@ def encode_segments(
 
 
 def truncate(
-    input_ids: list[int], labels: list[int], max_length: int, policy: Truncation, row: Row
-) -> tuple[list[int], list[int]]:
-    """Fit a row into `max_length` tokens.
+    sequences: list[tuple[list[int], list[int]]], max_length: int, policy: Truncation, row: Row
+) -> list[tuple[list[int], list[int]]]:
+    """Fit `(input_ids, labels)` sequences sharing one prompt (one SFT row, or a chosen/rejected pair) into
+    `max_length` tokens.
 
-    policy "left": drop prompt tokens from the left first (the response is what is learned), then cut the end of
-    the response; "error": refuse the row.
+    policy "left": drop prompt tokens from the left first, the same number from each sequence so the prompt stays
+    shared (the response is what is learned), then cut the end of the responses; "error": refuse the row.
     """
-    excess = len(input_ids) - max_length
-    if excess <= 0:
-        return input_ids, labels
+    longest = max(len(input_ids) for input_ids, _ in sequences)
+    if longest <= max_length:
+        return sequences
     if policy == "error":
         raise DataError(
-            f"{row.where()}: {len(input_ids)} tokens, longer than max_length={max_length}; raise max_length, "
+            f"{row.where()}: {longest} tokens, longer than max_length={max_length}; raise max_length, "
             "shorten the row, or set truncation='left'"
         )
     if policy != "left":
         raise ValueError(f"unknown truncation policy {policy!r}; use 'left' or 'error'")
-    prompt_length = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-    drop = min(excess, prompt_length)
-    return input_ids[drop:][:max_length], labels[drop:][:max_length]
+    prompt_length = min(next(i for i, label in enumerate(labels) if label != IGNORE_INDEX) for _, labels in sequences)
+    drop = min(longest - max_length, prompt_length)
+    return [(input_ids[drop:][:max_length], labels[drop:][:max_length]) for input_ids, labels in sequences]

@@ -1,4 +1,6 @@
 from lightning_align.modules.base import AlignModule
+from lightning_align.modules.dpo import DPOModule
+from lightning_align.modules.reward import RewardModule
 from lightning_align.modules.sft import SFTModule
 
-__all__ = ["AlignModule", "SFTModule"]
+__all__ = ["AlignModule", "DPOModule", "RewardModule", "SFTModule"]

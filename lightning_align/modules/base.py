@@ -106,12 +106,14 @@ class AlignModule(L.LightningModule):
             self.model = adapter.adapt(self.model, self)
         self.model_ready = True
 
-    def load_model(self, **kwargs) -> nn.Module:
+    def load_model(self, name_or_path: str | None = None, **kwargs) -> nn.Module:
+        """The module's kind of Hugging Face model, from `name_or_path` (by default the module's own model)."""
         import transformers
 
         if self.torch_dtype is not None:
             kwargs.setdefault("dtype", getattr(torch, self.torch_dtype))
-        return load_pretrained(self.model_name_or_path, getattr(transformers, self.auto_class_name), **kwargs)
+        name_or_path = name_or_path or self.model_name_or_path
+        return load_pretrained(name_or_path, getattr(transformers, self.auto_class_name), **kwargs)
 
     # ----- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -130,7 +130,8 @@ def test_qlora_adapter_reloads_and_merges_into_a_full_precision_base(tiny_model,
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter" / "merged")
     assert all(p.dtype == torch.float32 for p in merged.parameters())
-    full_plus_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "adapter")
+    full_base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    full_plus_adapter = PeftModel.from_pretrained(full_base, tmp_path / "adapter")
     torch.testing.assert_close(logits(merged), logits(full_plus_adapter), atol=1e-5, rtol=1e-5)
     # Against the 4-bit model only the quantisation error remains: small next to the logits' spread.
     assert (logits(merged) - trained).abs().mean() < 0.1 * trained.std()

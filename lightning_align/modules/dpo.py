@@ -1,0 +1,154 @@
+"""Direct preference optimisation (and its IPO / hinge / robust / SimPO variants)."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lightning_align.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps, simpo_loss
+from lightning_align.modules.base import AlignModule
+from lightning_align.modules.reference import Reference, frozen
+from lightning_align.modules.sft import causal_lm_logits
+
+PREFERENCE_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+def chosen_rejected_logps(model: nn.Module, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of the chosen and rejected halves of a preference batch, from one forward pass."""
+    logps = sequence_logps(causal_lm_logits(model, batch), batch["labels"], average=average)
+    return logps.chunk(2)
+
+
+class DPOModule(AlignModule):
+    """Preference optimisation of a causal LM on `PreferenceDataModule` batches.
+
+    Args:
+        beta: strength of the implicit KL constraint (for SimPO, the reward scale; its paper uses about 2).
+        loss_type: "sigmoid" (DPO), "ipo", "hinge", "robust" or "simpo" (reference-free, length-normalised).
+        label_smoothing: assumed share of flipped labels, for "sigmoid" (cDPO) and "robust".
+        simpo_gamma: SimPO's target reward margin.
+        ref_model: a model name or folder to use as the reference instead of the starting policy.
+        precompute_ref_logps: score the training and validation data with the reference once before training,
+            then release the reference network.
+        Other arguments as `AlignModule`.
+
+    The reference is picked automatically and reported at start: with a LoRA / QLoRA callback, the same network
+    with its adapter disabled; otherwise a frozen copy of the starting policy.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.5,
+        ref_model: str | None = None,
+        precompute_ref_logps: bool = False,
+        **kwargs,
+    ):
+        if loss_type not in DPO_LOSS_TYPES + ("simpo",):
+            raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES + ('simpo',))}")
+        super().__init__(model, **kwargs)
+        self.beta = beta
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+        self.simpo_gamma = simpo_gamma
+        self.ref_model_path = ref_model
+        self.precompute_ref_logps = precompute_ref_logps and loss_type != "simpo"
+        self.reference: Reference | None = None
+        self.val_metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in PREFERENCE_METRICS})
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss_type == "simpo"
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.reference is None and not self.reference_free:
+            explicit = None if self.ref_model_path is None else frozen(self.load_model(self.ref_model_path))
+            self.reference = Reference(self.model, explicit)
+
+    def on_fit_start(self) -> None:
+        if self.reference_free:
+            rank_zero_info("DPOModule reference: none (SimPO is reference-free)")
+            return
+        self.reference.to(self.model)
+        kind = self.reference.kind
+        if self.precompute_ref_logps:
+            self.precompute_reference()
+            kind = f"precomputed from the {kind}"
+        rank_zero_info(f"DPOModule reference: {kind}")
+        self.reference_kind = kind
+
+    @torch.no_grad()
+    def precompute_reference(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or getattr(datamodule, "train_set", None) is None:
+            raise ValueError("precompute_ref_logps=True needs a PreferenceDataModule to write the log-probs into")
+        for examples in (datamodule.train_set, datamodule.val_set):
+            for start in range(0, len(examples), datamodule.batch_size):
+                chunk = examples[start : start + datamodule.batch_size]
+                if all("ref_chosen_logps" in e for e in chunk):
+                    continue
+                batch = self.transfer_batch_to_device(datamodule.collate(chunk), self.device, 0)
+                with self.trainer.precision_plugin.forward_context():
+                    chosen, rejected = self.reference_logps(batch)
+                for example, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+                    example["ref_chosen_logps"], example["ref_rejected_logps"] = c, r
+        self.reference = None  # released: every example now carries its reference log-probs
+
+    def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        with self.reference(self.model) as reference:
+            return chosen_rejected_logps(reference, batch)
+
+    def preference_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Loss and metrics of a batch, per example."""
+        chosen, rejected = chosen_rejected_logps(self.model, batch, average=self.reference_free)
+        if self.reference_free:
+            losses, chosen_rewards, rejected_rewards = simpo_loss(chosen, rejected, self.beta, self.simpo_gamma)
+        else:
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen, rejected, *self.reference_logps(batch), self.beta, self.loss_type, self.label_smoothing
+            )
+        return {
+            "loss": losses,
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "logps/chosen": chosen.detach(),
+            "logps/rejected": rejected.detach(),
+        }
+
+    def training_step(self, batch, batch_idx):
+        metrics = self.preference_step(batch)
+        loss = metrics.pop("loss").mean()
+        batch_size = len(metrics["rewards/chosen"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict({name: values.mean() for name, values in metrics.items()}, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        for name, values in self.preference_step(batch).items():
+            self.val_metrics[name.replace("/", "_")].update(values)
+
+    def on_validation_epoch_start(self) -> None:
+        for metric in self.val_metrics.values():
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = {f"val/{name}": self.val_metrics[name.replace("/", "_")].compute() for name in PREFERENCE_METRICS}
+        self.log_dict(metrics)

@@ -1,0 +1,52 @@
+"""The reference model of DPO and PPO: which network plays pi_ref, and how to run it."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    model = model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class Reference:
+    """pi_ref for a policy: the policy with its adapter disabled (no second copy of the weights), a frozen copy
+    of the policy as it was at the start, or an explicit other model.
+
+    The frozen network is held outside the LightningModule's submodules, so checkpoints do not carry a second
+    copy of the weights; `to` follows the policy's device and dtype instead.
+    """
+
+    def __init__(self, policy: nn.Module, ref_model: nn.Module | None = None):
+        self.uses_adapter = ref_model is None and is_peft_model(policy)
+        self.network = None if self.uses_adapter else frozen(ref_model or copy.deepcopy(policy))
+        if ref_model is not None:
+            self.kind = "explicit ref_model"
+        else:
+            self.kind = "adapter-disabled base" if self.uses_adapter else "frozen copy of the starting policy"
+
+    def to(self, like: nn.Module) -> None:
+        if self.network is not None:
+            param = next(like.parameters())
+            floating = param.dtype if param.is_floating_point() else None
+            self.network.to(device=param.device, dtype=floating)
+
+    @contextmanager
+    def __call__(self, policy: nn.Module):
+        """The reference network, in a no-grad context."""
+        with torch.no_grad():
+            if self.uses_adapter:
+                with policy.disable_adapter():
+                    yield policy
+            else:
+                yield self.network

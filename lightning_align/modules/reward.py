@@ -1,0 +1,94 @@
+"""Reward model: a scalar head on a language model, trained on preference pairs (Bradley-Terry)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lightning_align.data.collate import pad_collate
+from lightning_align.data.sources import Row
+from lightning_align.data.tokenize import adds_bos, encode_segments
+from lightning_align.losses import pairwise_reward_loss
+from lightning_align.modules.base import AlignModule
+
+
+class RewardModule(AlignModule):
+    """A scalar reward model, `AutoModelForSequenceClassification` with one label, the score read at the last
+    non-padding token. Loads from a causal LM checkpoint (new score head) or an existing reward model.
+
+    Trains on `PreferenceDataModule` batches with `pairwise_reward_loss` (a row's optional `margin` is the
+    required gap). Logs `train/loss`, `train/accuracy`, `val/loss`, `val/accuracy` (share of pairs with
+    r+ > r-) and `val/margin` (mean r+ - r-). Arguments as `AlignModule`.
+    """
+
+    auto_class_name = "AutoModelForSequenceClassification"
+    trained_heads = ("score",)  # trained in full and saved alongside a LoRA adapter
+
+    def __init__(self, model: str | nn.Module, **kwargs):
+        super().__init__(model, **kwargs)
+        self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
+
+    @cached_property
+    def tokenizer(self):
+        from lightning_align.data.base import load_tokenizer
+
+        return load_tokenizer(self.model_name_or_path)
+
+    def load_model(self, name_or_path: str | None = None, **kwargs) -> nn.Module:
+        kwargs.setdefault("num_labels", 1)
+        model = super().load_model(name_or_path, **kwargs)
+        if model.config.pad_token_id is None:  # needed to find each row's last token
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        return model
+
+    def rewards(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards of the chosen and rejected halves of a preference batch, from one forward pass."""
+        scores = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return scores.logits.squeeze(-1).float().chunk(2)
+
+    def training_step(self, batch, batch_idx):
+        chosen, rejected = self.rewards(batch)
+        loss = pairwise_reward_loss(chosen, rejected, batch.get("margin"))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(chosen))
+        self.log("train/accuracy", (chosen > rejected).float().mean(), batch_size=len(chosen))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        for metric in (self.val_loss, self.val_accuracy, self.val_margin):
+            metric.reset()
+
+    def validation_step(self, batch, batch_idx):
+        chosen, rejected = self.rewards(batch)
+        self.val_loss.update(pairwise_reward_loss(chosen, rejected, batch.get("margin")), weight=len(chosen))
+        self.val_accuracy.update((chosen > rejected).float())
+        self.val_margin.update(chosen - rejected)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(
+            {
+                "val/loss": self.val_loss.compute(),
+                "val/accuracy": self.val_accuracy.compute(),
+                "val/margin": self.val_margin.compute(),
+            },
+            prog_bar=True,
+        )
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
+        """Rewards of plain-text (prompt, response) pairs, tokenised as in training: [len(prompts)]."""
+        add_bos = adds_bos(self.tokenizer)
+        examples = []
+        for number, (prompt, response) in enumerate(zip(prompts, responses, strict=True), start=1):
+            row = Row("<score>", number, {"prompt": prompt, "response": response})
+            ids, labels = encode_segments([(prompt, False), (response, True)], self.tokenizer, row, add_bos=add_bos)
+            examples.append({"input_ids": ids, "labels": labels})
+        device = next(self.model.parameters()).device
+        scores = []
+        for start in range(0, len(examples), batch_size):
+            batch = pad_collate(examples[start : start + batch_size], self.tokenizer.pad_token_id)
+            out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            scores.append(out.logits.squeeze(-1).float())
+        return torch.cat(scores)

@@ -1,0 +1,102 @@
+"""DPOModule: reference selection, precomputed reference log-probs, loss at the start, learning."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_align import DPOModule, LoRA, PreferenceDataModule
+from lightning_align.modules.dpo import chosen_rejected_logps
+from tests.conftest import trainer
+
+
+def preference_data(model_path, task_files, batch_size=8):
+    dm = PreferenceDataModule(
+        model_path, task_files["preference_train"], task_files["preference_val"], batch_size=batch_size, max_length=64
+    )
+    dm.setup("fit")
+    return dm
+
+
+def base_logps(model_path, batch):
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return chosen_rejected_logps(AutoModelForCausalLM.from_pretrained(model_path).eval(), batch)
+
+
+def test_unknown_loss_type_is_refused_at_construction():
+    with pytest.raises(ValueError, match="unknown loss_type 'dpop'; valid: sigmoid, ipo, hinge, robust, simpo"):
+        DPOModule("any", loss_type="dpop")
+
+
+def test_lora_reference_is_the_adapter_disabled_base_and_stays_constant(sft_model, task_files, tmp_path):
+    dm = preference_data(sft_model, task_files)
+    batch = dm.collate(dm.val_set[:8])
+    module = DPOModule(sft_model, learning_rate=1e-2)
+    fit = trainer(tmp_path, max_steps=10, callbacks=[LoRA(r=4)])
+    fit.fit(module, datamodule=dm)
+    assert module.reference.kind == "adapter-disabled base" and module.reference.network is None
+    expected = base_logps(sft_model, batch)
+    after = module.reference_logps(batch)
+    for ours, ref in zip(after, expected):
+        torch.testing.assert_close(ours, ref)
+    with torch.no_grad():
+        policy = chosen_rejected_logps(module.model.eval(), batch)
+    assert not torch.allclose(policy[0], expected[0])  # the policy did move
+    # One copy of the base weights: every stored tensor is distinct and no frozen network exists beside them.
+    pointers = [p.data_ptr() for p in module.model.parameters()]
+    assert len(pointers) == len(set(pointers))
+    assert sum(p.numel() for p in module.parameters()) == module.model.get_base_model().num_parameters()
+
+
+def test_full_finetuning_reference_is_a_frozen_copy_and_first_sigmoid_loss_is_log_2(sft_model, task_files, tmp_path):
+    dm = preference_data(sft_model, task_files)
+    module = DPOModule(sft_model)
+    module.configure_model()
+    module.reference.to(module.model)
+    assert module.reference.kind == "frozen copy of the starting policy"
+    assert all(not p.requires_grad for p in module.reference.network.parameters())
+    metrics = module.preference_step(dm.collate(dm.train_set[:8]))
+    torch.testing.assert_close(metrics["loss"], torch.full((8,), math.log(2)))
+    assert "reference" not in "".join(module.state_dict())  # checkpoints hold the policy only
+
+
+def test_precomputed_reference_gives_the_same_first_loss_and_releases_the_network(sft_model, task_files, tmp_path):
+    dm = preference_data(sft_model, task_files)
+    live = DPOModule(sft_model)
+    live.configure_model()
+    live.reference.to(live.model)
+    torch.manual_seed(0)
+    for p in live.model.parameters():  # a policy away from the reference, so the loss is not log 2
+        p.data.add_(0.01 * torch.randn_like(p))
+    perturbed = {k: v.clone() for k, v in live.model.state_dict().items()}
+
+    pre = DPOModule(sft_model, precompute_ref_logps=True, learning_rate=0.0)
+    fit = trainer(tmp_path, max_steps=1)
+    fit.fit(pre, datamodule=dm)
+    assert pre.reference is None
+    assert all("ref_chosen_logps" in e for e in dm.train_set + dm.val_set)
+    pre.model.load_state_dict(perturbed)
+    batch = dm.collate(dm.train_set[:8])
+    assert "ref_chosen_logps" in batch
+    with torch.no_grad():
+        torch.testing.assert_close(pre.preference_step(batch)["loss"], live.preference_step(batch)["loss"])
+
+
+@pytest.mark.slow
+def test_dpo_raises_heldout_reward_accuracy(sft_model, task_files, tmp_path):
+    dm = preference_data(sft_model, task_files, batch_size=16)
+    module = DPOModule(sft_model, beta=0.1, learning_rate=1e-4, warmup_steps=10)
+    fit = trainer(tmp_path, max_steps=150)
+    fit.validate(module, datamodule=dm)
+    before = {k: v.item() for k, v in fit.callback_metrics.items()}
+    fit.fit(module, datamodule=dm)
+    fit.validate(module, datamodule=dm)
+    after = {k: v.item() for k, v in fit.callback_metrics.items()}
+    print(
+        f"DPO held-out reward accuracy {before['val/rewards/accuracies']:.3f} -> {after['val/rewards/accuracies']:.3f}"
+    )
+    assert before["val/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert after["val/rewards/accuracies"] > 0.7 and after["val/loss"] < before["val/loss"] - 0.05
+    assert after["val/rewards/margins"] > 0
