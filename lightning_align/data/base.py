@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from functools import cached_property
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from lightning_align.data.formats import chat_template_check
 from lightning_align.data.sources import DataError, DataSource, Row, read_rows
+from lightning_align.data.tokenize import adds_bos
 
 
 def load_tokenizer(name_or_path: str, chat_template: str | None = None):
@@ -59,6 +61,10 @@ class AlignDataModule(L.LightningDataModule):
         self.seed = seed
         self.train_set: list[dict] | None = None
         self.val_set: list[dict] = []
+
+    @cached_property
+    def tokenizer_adds_bos(self) -> bool:
+        return adds_bos(self.tokenizer)
 
     def encode(self, row: Row) -> dict | None:
         """The example of one row, or None to drop it (counted and reported)."""

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from functools import cached_property
-
 import torch
 
 from lightning_align.data.base import AlignDataModule
 from lightning_align.data.collate import pad_collate
 from lightning_align.data.formats import preference_segments
 from lightning_align.data.sources import DataError, DataSource, Row
-from lightning_align.data.tokenize import Truncation, adds_bos, encode_segments, truncate
+from lightning_align.data.tokenize import Truncation, encode_segments, truncate
 
 # Per-example values that a batch carries along when every example has them.
 EXTRA_FIELDS = ("margin", "ref_chosen_logps", "ref_rejected_logps")
@@ -59,10 +57,6 @@ class PreferenceDataModule(AlignDataModule):
         )
         self.truncation = truncation
         self.drop_identical = drop_identical
-
-    @cached_property
-    def tokenizer_adds_bos(self) -> bool:
-        return adds_bos(self.tokenizer)
 
     def encode(self, row: Row) -> dict | None:
         prompt, chosen, rejected = preference_segments(row, self.tokenizer)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from functools import cached_property
-
 from lightning_align.data.base import AlignDataModule
 from lightning_align.data.collate import packed_collate, pad_collate
 from lightning_align.data.formats import sft_segments
 from lightning_align.data.sources import DataSource, Row
-from lightning_align.data.tokenize import Truncation, adds_bos, encode_segments, truncate
+from lightning_align.data.tokenize import Truncation, encode_segments, truncate
 
 
 class SFTDataModule(AlignDataModule):
@@ -47,10 +45,6 @@ class SFTDataModule(AlignDataModule):
         self.truncation = truncation
         self.train_on_prompt = train_on_prompt
         self.packing = packing
-
-    @cached_property
-    def tokenizer_adds_bos(self) -> bool:
-        return adds_bos(self.tokenizer)
 
     def encode(self, row: Row) -> dict:
         is_chat = "messages" in row.fields

@@ -1,17 +1,12 @@
 """Preference rows: shared prompt, response-only scoring, truncation and the errors."""
 
-import json
 
 import pytest
 
 from lightning_align import DataError, PreferenceDataModule
+from tests.conftest import write_jsonl
 
 IGNORE = -100
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def setup(tiny_model, data, **kwargs):

@@ -7,13 +7,9 @@ import torch
 
 from lightning_align.data import DataError, SFTDataModule
 from lightning_align.data.sources import Row
+from tests.conftest import write_jsonl
 
 IGNORE = -100
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def datamodule(tiny_model, data, **kwargs):
