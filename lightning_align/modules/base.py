@@ -104,6 +104,8 @@ class AlignModule(L.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if adapter is not None:
             self.model = adapter.adapt(self.model, self)
+        # from_pretrained returns eval mode, and Lightning keeps module modes as they are: dropout would stay off.
+        self.model.train()
         self.model_ready = True
 
     def load_model(self, name_or_path: str | None = None, **kwargs) -> nn.Module:

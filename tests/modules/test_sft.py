@@ -116,3 +116,9 @@ def test_validate_before_fit_then_validation_during_fit_works(tiny_model, task_f
     before = fit.callback_metrics["val/loss"].item()
     fit.fit(module, datamodule=dm)
     assert fit.callback_metrics["val/loss"].item() < before
+
+
+def test_loaded_model_is_in_train_mode_so_dropout_applies(tiny_model):
+    module = SFTModule(tiny_model)
+    module.configure_model()
+    assert all(m.training for m in module.model.modules())
