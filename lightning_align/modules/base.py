@@ -154,7 +154,7 @@ class AlignModule(L.LightningModule):
         adapter = self.adapter
         if merge_adapter and adapter is not None:
             model = adapter.merged_copy(model, self)
-        if self.trainer.is_global_zero if self._trainer else True:
+        if self._trainer is None or self.trainer.is_global_zero:  # one writer under several processes
             model.save_pretrained(path)
             if self.model_name_or_path is not None:
                 save_tokenizer_from(self.model_name_or_path, path)
