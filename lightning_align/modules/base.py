@@ -161,6 +161,15 @@ class AlignModule(L.LightningModule):
         return path
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def causal_lm_logits(model, batch: dict) -> torch.Tensor:
+    # No KV cache in training: it is unused, and packed rows are recognised only without one.
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    return model(**inputs, use_cache=False).logits
+
+
 def real_tokens(batch: dict) -> int:
     """Tokens that are not padding (a packed batch has no padding and no attention mask)."""
     if "attention_mask" in batch:

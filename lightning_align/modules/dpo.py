@@ -8,9 +8,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lightning_align.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps, simpo_loss
-from lightning_align.modules.base import AlignModule
+from lightning_align.modules.base import AlignModule, causal_lm_logits
 from lightning_align.modules.reference import Reference, frozen
-from lightning_align.modules.sft import causal_lm_logits
 
 PREFERENCE_METRICS = (
     "loss",
@@ -89,7 +88,6 @@ class DPOModule(AlignModule):
             self.precompute_reference()
             kind = f"precomputed from the {kind}"
         rank_zero_info(f"DPOModule reference: {kind}")
-        self.reference_kind = kind
 
     @torch.no_grad()
     def precompute_reference(self) -> None:

@@ -6,15 +6,7 @@ import torch
 from torchmetrics import SumMetric
 
 from lightning_align.losses import sft_loss, token_logps
-from lightning_align.modules.base import AlignModule
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-
-def causal_lm_logits(model, batch: dict) -> torch.Tensor:
-    # No KV cache in training: it is unused, and packed rows are recognised only without one.
-    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-    return model(**inputs, use_cache=False).logits
+from lightning_align.modules.base import AlignModule, causal_lm_logits
 
 
 class SFTModule(AlignModule):
