@@ -115,3 +115,83 @@ def simpo_loss(
     rejected_rewards = beta * policy_rejected_logps
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+# ----- PPO (Schulman et al. 2017) as used for RLHF (Ziegler et al. 2019, Ouyang et al. 2022) ----------------------
+# Per-token tensors are [batch, response_length]; `mask` is 1 on response tokens and 0 on padding.
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """sum(x * m) / sum(m)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over the masked entries, with the unbiased (Bessel-corrected) variance.
+
+    With `shift_mean=False` the mean is added back: the scale is normalised, the sign kept (used for rewards).
+    """
+    mask = mask.to(x.dtype)
+    mean = masked_mean(x, mask)
+    count = mask.sum()
+    variance = (((x - mean) ** 2) * mask).sum() / (count - 1).clamp(min=1)
+    whitened = (x - mean) * torch.rsqrt(variance + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tensor:
+    """Per-token estimator of KL(pi || pi_ref) from samples of pi (Schulman 2020, "Approximating KL divergence").
+
+    With d = log pi - log pi_ref:  "k1": d (unbiased, can be negative per token);  "k2": d^2 / 2;
+    "k3": exp(-d) - 1 + d (unbiased and never negative).
+    """
+    d = logprobs - ref_logprobs
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * d**2
+    if kind == "k3":
+        return torch.expm1(-d) + d
+    raise ValueError(f"unknown KL estimator {kind!r}; valid: k1, k2, k3")
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), per token: (advantages, returns).
+
+    delta_t = r_t + gamma m_{t+1} V_{t+1} - V_t,  A_t = delta_t + gamma lam m_{t+1} A_{t+1},  returns = A + V;
+    the value after the last response token is 0, and masked positions get 0.
+    """
+    mask = mask.to(values.dtype)
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+        next_value = values[:, t] * mask[:, t]
+    return advantages.detach(), ((advantages + values) * mask).detach()
+
+
+def ppo_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Clipped surrogate: (loss, clipfrac, approx_kl), each a masked mean over tokens.
+
+    ratio = exp(log pi - log pi_old);  loss = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)));
+    clipfrac = share of tokens where the clipped term is the larger; approx_kl = mean((log pi - log pi_old)^2 / 2).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
+    approx_kl = masked_mean(0.5 * log_ratio.detach() ** 2, mask)
+    return loss, clipfrac.detach(), approx_kl
+
+
+def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float = 0.2) -> Tensor:
+    """Clipped value loss: 0.5 mean(max((V - R)^2, (V_clip - R)^2)), V_clip = V_old + clip(V - V_old, -eps, eps)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2), mask)
