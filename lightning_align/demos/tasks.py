@@ -78,15 +78,17 @@ def write_task_data(
 ) -> dict[str, Path]:
     """Write SFT, preference and prompt JSONL files for the tasks; returns their paths by name.
 
-    Train and validation prompts come from different seeds and overlapping prompts are dropped from validation,
-    so held-out accuracy measures generalisation.
+    SFT, preference and prompt files each have their own training prompts; validation prompts are shared by the
+    three and overlap none of them, so held-out accuracy measures generalisation.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 1)
-    train = make_prompts(n_train, seed, tasks)
-    seen = set(train)
-    val = [p for p in make_prompts(n_val * 2, seed + 10_000, tasks) if p not in seen][:n_val]
+    kinds = ("sft", "preference", "prompts")
+    # Each stage trains on prompts of its own, as real pipelines do; validation prompts are shared and unseen.
+    train = {kind: make_prompts(n_train, seed + 1000 * i, tasks) for i, kind in enumerate(kinds)}
+    seen = set().union(*train.values())
+    val = [p for p in make_prompts(n_val * 3, seed + 10_000, tasks) if p not in seen][:n_val]
     rows = {
         "sft": lambda p: {"prompt": p + "\n", "completion": answer(p)},
         "preference": lambda p: {"prompt": p + "\n", "chosen": answer(p), "rejected": wrong_answer(p, rng)},
@@ -94,7 +96,7 @@ def write_task_data(
     }
     paths = {}
     for kind, make_row in rows.items():
-        for split, prompts in (("train", train), ("val", val)):
+        for split, prompts in (("train", train[kind]), ("val", val)):
             path = root / f"{kind}_{split}.jsonl"
             with open(path, "w") as f:
                 for p in prompts:

@@ -7,7 +7,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lightning_align.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps, simpo_loss
+from lightning_align.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps, simpo_loss, token_logps
 from lightning_align.modules.base import AlignModule, causal_lm_logits
 from lightning_align.modules.reference import Reference, frozen
 
@@ -36,6 +36,9 @@ class DPOModule(AlignModule):
         loss_type: "sigmoid" (DPO), "ipo", "hinge", "robust" or "simpo" (reference-free, length-normalised).
         label_smoothing: assumed share of flipped labels, for "sigmoid" (cDPO) and "robust".
         simpo_gamma: SimPO's target reward margin.
+        rpo_alpha: weight of an extra negative log-likelihood term on the chosen responses (mean per token), as in
+            RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"); it keeps the chosen responses'
+            likelihood from falling while the margin grows. 0 is plain DPO.
         ref_model: a model name or folder to use as the reference instead of the starting policy.
         precompute_ref_logps: score the training and validation data with the reference once before training,
             then release the reference network.
@@ -52,6 +55,7 @@ class DPOModule(AlignModule):
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
+        rpo_alpha: float = 0.0,
         ref_model: str | None = None,
         precompute_ref_logps: bool = False,
         **kwargs,
@@ -63,6 +67,7 @@ class DPOModule(AlignModule):
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
         self.simpo_gamma = simpo_gamma
+        self.rpo_alpha = rpo_alpha
         self.ref_model_path = ref_model
         self.precompute_ref_logps = precompute_ref_logps and loss_type != "simpo"
         self.reference: Reference | None = None
@@ -114,13 +119,17 @@ class DPOModule(AlignModule):
 
     def preference_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loss and metrics of a batch, per example."""
-        chosen, rejected = chosen_rejected_logps(self.model, batch, average=self.reference_free)
+        token_logps_, scored = token_logps(causal_lm_logits(self.model, batch), batch["labels"])
+        sums, means = token_logps_.sum(-1), token_logps_.sum(-1) / scored.sum(-1).clamp(min=1)
+        chosen, rejected = (means if self.reference_free else sums).chunk(2)
         if self.reference_free:
             losses, chosen_rewards, rejected_rewards = simpo_loss(chosen, rejected, self.beta, self.simpo_gamma)
         else:
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 chosen, rejected, *self.reference_logps(batch), self.beta, self.loss_type, self.label_smoothing
             )
+        if self.rpo_alpha:
+            losses = losses - self.rpo_alpha * means.chunk(2)[0]
         return {
             "loss": losses,
             "rewards/chosen": chosen_rewards,

@@ -100,3 +100,24 @@ def test_dpo_raises_heldout_reward_accuracy(sft_model, task_files, tmp_path):
     assert before["val/loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert after["val/rewards/accuracies"] > 0.7 and after["val/loss"] < before["val/loss"] - 0.05
     assert after["val/rewards/margins"] > 0
+
+
+def test_rpo_alpha_adds_the_mean_token_nll_of_the_chosen_responses(sft_model, task_files):
+    dm = preference_data(sft_model, task_files)
+    batch = dm.collate(dm.train_set[:4])
+    plain, rpo = DPOModule(sft_model), DPOModule(sft_model, rpo_alpha=0.5)
+    for module in (plain, rpo):
+        module.configure_model()
+    rpo.model.load_state_dict(plain.model.state_dict())
+    with torch.no_grad():
+        logits = plain.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+        nll = []
+        for b in range(4):  # chosen rows come first
+            terms = [
+                torch.log_softmax(logits[b, t - 1], -1)[batch["labels"][b, t]]
+                for t in range(1, logits.shape[1])
+                if batch["labels"][b, t] != -100
+            ]
+            nll.append(-sum(terms) / len(terms))
+        difference = rpo.preference_step(batch)["loss"] - plain.preference_step(batch)["loss"]
+    torch.testing.assert_close(difference.double(), 0.5 * torch.stack(nll), rtol=1e-4, atol=1e-5)
