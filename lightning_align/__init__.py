@@ -1,8 +1,8 @@
 """Fine-tune and align Hugging Face causal LMs the Lightning way."""
 
 from lightning_align.callbacks import LoRA, QLoRA
-from lightning_align.data import DataError, PreferenceDataModule, SFTDataModule
-from lightning_align.modules import AlignModule, DPOModule, RewardModule, SFTModule
+from lightning_align.data import DataError, PreferenceDataModule, PromptDataModule, SFTDataModule
+from lightning_align.modules import AlignModule, DPOModule, PPOModule, RewardModule, SFTModule
 
 __version__ = "0.1.0.dev0"
 __all__ = [
@@ -10,7 +10,9 @@ __all__ = [
     "DPOModule",
     "DataError",
     "LoRA",
+    "PPOModule",
     "PreferenceDataModule",
+    "PromptDataModule",
     "QLoRA",
     "RewardModule",
     "SFTDataModule",

@@ -1,6 +1,15 @@
 from lightning_align.data.base import AlignDataModule, load_tokenizer
 from lightning_align.data.preference import PreferenceDataModule
+from lightning_align.data.prompts import PromptDataModule
 from lightning_align.data.sft import SFTDataModule
 from lightning_align.data.sources import DataError, read_rows
 
-__all__ = ["AlignDataModule", "DataError", "PreferenceDataModule", "SFTDataModule", "load_tokenizer", "read_rows"]
+__all__ = [
+    "AlignDataModule",
+    "DataError",
+    "PreferenceDataModule",
+    "PromptDataModule",
+    "SFTDataModule",
+    "load_tokenizer",
+    "read_rows",
+]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import cached_property
 from pathlib import Path
 
 import lightning as L
@@ -116,6 +117,15 @@ class AlignModule(L.LightningModule):
             kwargs.setdefault("dtype", getattr(torch, self.torch_dtype))
         name_or_path = name_or_path or self.model_name_or_path
         return load_pretrained(name_or_path, getattr(transformers, self.auto_class_name), **kwargs)
+
+    @cached_property
+    def tokenizer(self):
+        """The tokenizer saved with the model (for scoring or decoding text inside the module)."""
+        from lightning_align.data.base import load_tokenizer
+
+        if self.model_name_or_path is None:
+            raise ValueError("this module was given a model instance: it has no tokenizer folder to load")
+        return load_tokenizer(self.model_name_or_path)
 
     # ----- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cached_property
-
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
@@ -30,12 +28,6 @@ class RewardModule(AlignModule):
     def __init__(self, model: str | nn.Module, **kwargs):
         super().__init__(model, **kwargs)
         self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
-
-    @cached_property
-    def tokenizer(self):
-        from lightning_align.data.base import load_tokenizer
-
-        return load_tokenizer(self.model_name_or_path)
 
     def load_model(self, name_or_path: str | None = None, **kwargs) -> nn.Module:
         kwargs.setdefault("num_labels", 1)

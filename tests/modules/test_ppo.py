@@ -1,0 +1,158 @@
+"""PPOModule: KL control, masks, the reference, generation, reward errors, and that it learns a reward."""
+
+import pytest
+import torch
+
+from lightning_align import LoRA, PPOModule, PromptDataModule
+from lightning_align.modules.ppo import AdaptiveKLController, response_mask
+from tests.conftest import trainer
+
+
+def starts_with_one(prompts, completions):
+    return [1.0 if c.startswith("1") else 0.0 for c in completions]
+
+
+def prompts(model_path, task_files, batch_size=8):
+    dm = PromptDataModule(model_path, task_files["prompts_train"], task_files["prompts_val"], batch_size=batch_size)
+    dm.setup("fit")
+    return dm
+
+
+def ready(module, callbacks=(), tmp_path=None):
+    """A module set up by a real Trainer (adapters applied, reference placed) without training it."""
+    fit = trainer(tmp_path, max_steps=0, callbacks=list(callbacks))
+    fit.strategy.connect(module)
+    module.trainer = fit
+    module.configure_model()
+    module.on_fit_start()
+    return module
+
+
+def test_adaptive_kl_controller_moves_beta_toward_the_target():
+    up, down, fixed = (
+        AdaptiveKLController(0.1, 1.0, 100),
+        AdaptiveKLController(0.1, 1.0, 100),
+        AdaptiveKLController(0.1),
+    )
+    assert up.update(3.0, 10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error clipped at +0.2
+    assert down.update(0.9, 10) == pytest.approx(0.1 * (1 - 0.1 * 10 / 100))
+    assert fixed.update(5.0, 10) == 0.1
+
+
+def test_response_mask_covers_tokens_through_the_first_eos():
+    responses = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 7, 2, 0], [5, 6, 7, 8, 9]])
+    mask, ended = response_mask(responses, eos_token_id=2)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert ended.tolist() == [True, True, False]
+
+
+def test_with_policy_equal_to_reference_kl_is_zero_everywhere_and_ratios_are_one(sft_model, task_files, tmp_path):
+    module = ready(PPOModule(sft_model, reward=starts_with_one, temperature=0.7), [LoRA(r=4)], tmp_path)
+    batch = prompts(sft_model, task_files).collate(prompts(sft_model, task_files).train_set[:8])
+    rollout = module.rollout(batch)  # a fresh LoRA adapter leaves the policy equal to the reference
+    with module.reference(module.model) as ref:
+        ref_logprobs, _, _ = module.response_forward(
+            ref, rollout["sequences"], rollout["attention_mask"], rollout["prompt_length"], False
+        )
+    assert torch.equal(rollout["logprobs"] * rollout["mask"], ref_logprobs * rollout["mask"])
+    assert rollout["kl"] == 0
+    logprobs, _, _ = module.response_forward(
+        module.model, rollout["sequences"], rollout["attention_mask"], rollout["prompt_length"], True
+    )
+    ratio = torch.exp(logprobs - rollout["logprobs"])[rollout["mask"].bool()]
+    torch.testing.assert_close(ratio, torch.ones_like(ratio))
+
+
+def test_lora_reference_logprobs_are_the_base_models(sft_model, task_files, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    module = ready(PPOModule(sft_model, reward=starts_with_one), [LoRA(r=4)], tmp_path)
+    for p in module.model.parameters():  # move the adapter away from zero so policy and reference differ
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    dm = prompts(sft_model, task_files)
+    rollout = module.rollout(dm.collate(dm.train_set[:8]))
+    base = AutoModelForCausalLM.from_pretrained(sft_model).eval()
+    with torch.no_grad():
+        base_logprobs, _, _ = module.response_forward(
+            base, rollout["sequences"], rollout["attention_mask"], rollout["prompt_length"], False
+        )
+        with module.reference(module.model) as ref:
+            ref_logprobs, _, _ = module.response_forward(
+                ref, rollout["sequences"], rollout["attention_mask"], rollout["prompt_length"], False
+            )
+    mask = rollout["mask"].bool()
+    torch.testing.assert_close(ref_logprobs[mask], base_logprobs[mask])
+    assert not torch.allclose(rollout["logprobs"][mask], base_logprobs[mask])
+
+
+def test_batched_left_padded_generation_honours_eos_and_max_new_tokens(sft_model, task_files, tmp_path):
+    module = ready(PPOModule(sft_model, reward=starts_with_one, max_new_tokens=6), [], tmp_path)
+    dm = prompts(sft_model, task_files)
+    examples = sorted(dm.train_set[:16], key=lambda e: len(e["input_ids"]))
+    examples = [examples[0], examples[-1]]
+    assert len(examples[0]["input_ids"]) < len(examples[1]["input_ids"])  # so the batch is really left-padded
+    batch = dm.collate(examples)
+    together = module.generate(batch, greedy=True)[:, batch["input_ids"].shape[1] :]
+    assert together.shape[1] <= 6
+    mask, _ = response_mask(together, module.tokenizer.eos_token_id)
+    assert (together[mask == 0] == module.tokenizer.pad_token_id).all()  # nothing generated after EOS
+    for i, example in enumerate(examples):
+        alone = module.generate(dm.collate([example]), greedy=True)[0, len(example["input_ids"]) :]
+        assert together[i, : len(alone)].tolist() == alone.tolist()
+
+
+@pytest.mark.parametrize(
+    "reward, message",
+    [
+        (lambda p, c: 1 / 0, "raised ZeroDivisionError: division by zero"),
+        (lambda p, c: [float("nan")] * len(c), "returned a non-finite score for completion 0"),
+        (lambda p, c: [1.0], "returned 1 scores for 8 completions"),
+        (lambda p, c: ["high"] * len(c), "must return a list of numbers"),
+    ],
+)
+def test_bad_reward_functions_fail_with_a_clear_message(sft_model, task_files, tmp_path, reward, message):
+    module = ready(PPOModule(sft_model, reward=reward), [], tmp_path)
+    dm = prompts(sft_model, task_files)
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        module.rollout(dm.collate(dm.train_set[:8]))
+
+
+def test_reward_given_as_import_path_or_unknown_name(sft_model, tmp_path):
+    from lightning_align.modules.rewards import resolve_reward
+
+    function, name = resolve_reward("lightning_align.demos:task_reward")
+    assert function(["add: 1+2\n"], ["3"]) == [1.0] and name == "lightning_align.demos:task_reward"
+    with pytest.raises(ValueError, match="could not be imported"):
+        resolve_reward("lightning_align.demos:no_such_reward")
+    with pytest.raises(ValueError, match="neither a reward model folder nor 'package.module:function'"):
+        resolve_reward(str(tmp_path / "missing"))
+
+
+def test_ppo_raises_the_mean_reward_of_a_verifiable_reward(sft_model, task_files, tmp_path):
+    torch.manual_seed(0)
+    dm = PromptDataModule(sft_model, task_files["prompts_train"], task_files["prompts_val"], batch_size=32)
+    module = PPOModule(sft_model, reward=starts_with_one, max_new_tokens=8, learning_rate=1e-3, kl_coef=0.0)
+    fit = trainer(tmp_path, max_steps=100, limit_val_batches=4)
+    fit.validate(module, datamodule=dm)
+    before = fit.callback_metrics["val/reward"].item()
+    fit.fit(module, datamodule=dm)
+    for name in (
+        "reward/mean",
+        "reward/std",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "policy/clipfrac",
+        "policy/approx_kl",
+        "loss/policy",
+        "loss/value",
+        "response_length",
+        "time/rollout",
+        "time/learn",
+    ):
+        assert name in fit.callback_metrics, name
+    fit.validate(module, datamodule=dm)
+    after = fit.callback_metrics["val/reward"].item()
+    print(f"PPO held-out reward (completion starts with 1): {before:.3f} -> {after:.3f}")
+    assert after > before + 0.3
