@@ -76,16 +76,19 @@ def test_val_loss_is_token_weighted_over_the_whole_set_and_perplexity_its_exp(ti
 
 @pytest.mark.slow
 def test_sft_raises_heldout_task_accuracy(tiny_model, tokenizer, task_files, tmp_path):
+    import lightning as L
+
+    L.seed_everything(0)  # the tiny model's learning curve has a sharp step whose timing depends on the seed
     prompts = [json.loads(line)["prompt"] for line in open(task_files["sft_val"])][:150]
     dm = SFTDataModule(tiny_model, task_files["sft_train"], task_files["sft_val"], batch_size=32, max_length=64)
     module = SFTModule(tiny_model, learning_rate=3e-3, warmup_steps=30)
-    fit = trainer(tmp_path, max_steps=600, limit_val_batches=2, val_check_interval=300, check_val_every_n_epoch=None)
+    fit = trainer(tmp_path, max_steps=1200, limit_val_batches=2, val_check_interval=400, check_val_every_n_epoch=None)
     module.configure_model()
     before = task_accuracy(module.model, tokenizer, prompts)
     fit.fit(module, datamodule=dm)
     after = task_accuracy(module.model, tokenizer, prompts)
     print(f"SFT held-out accuracy: {before:.3f} -> {after:.3f}")
-    assert before < 0.05 and after > before + 0.2
+    assert before < 0.05 and after > before + 0.3
     assert fit.callback_metrics["train/tokens_per_sec"] > 0
 
 
