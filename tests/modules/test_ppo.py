@@ -156,3 +156,40 @@ def test_ppo_raises_the_mean_reward_of_a_verifiable_reward(sft_model, task_files
     after = fit.callback_metrics["val/reward"].item()
     print(f"PPO held-out reward (completion starts with 1): {before:.3f} -> {after:.3f}")
     assert after > before + 0.3
+
+
+def test_ppo_with_lora_raises_the_mean_reward_too(sft_model, task_files, tmp_path):
+    torch.manual_seed(0)
+    dm = PromptDataModule(sft_model, task_files["prompts_train"], task_files["prompts_val"], batch_size=32)
+    module = PPOModule(sft_model, reward=starts_with_one, max_new_tokens=8, learning_rate=5e-3, kl_coef=0.0)
+    fit = trainer(tmp_path, max_steps=100, limit_val_batches=4, callbacks=[LoRA(r=8)])
+    fit.validate(module, datamodule=dm)
+    before = fit.callback_metrics["val/reward"].item()
+    fit.fit(module, datamodule=dm)
+    fit.validate(module, datamodule=dm)
+    after = fit.callback_metrics["val/reward"].item()
+    print(f"PPO + LoRA held-out reward (completion starts with 1): {before:.3f} -> {after:.3f}")
+    assert module.reference.kind == "adapter-disabled base"
+    assert after > before + 0.3
+
+
+def test_sft_reward_model_ppo_chain_scores_with_the_trained_reward_model(sft_model, task_files, tmp_path):
+    from lightning_align import PreferenceDataModule, RewardModule
+    from lightning_align.modules.rewards import RewardModelScorer
+
+    pairs = PreferenceDataModule(sft_model, task_files["preference_train"], batch_size=16, max_length=64)
+    reward_model = RewardModule(sft_model, learning_rate=1e-3)
+    trainer(tmp_path / "rm", max_steps=20).fit(reward_model, datamodule=pairs)
+    folder = str(reward_model.save_pretrained(tmp_path / "rm" / "export"))
+
+    dm = PromptDataModule(sft_model, task_files["prompts_train"], task_files["prompts_val"], batch_size=8)
+    module = PPOModule(sft_model, reward=folder, max_new_tokens=6, learning_rate=1e-4, minibatch_size=8)
+    fit = trainer(tmp_path / "ppo", max_steps=4, limit_val_batches=1)
+    fit.fit(module, datamodule=dm)
+    assert isinstance(module.reward_fn, RewardModelScorer)
+    assert torch.isfinite(fit.callback_metrics["reward/mean"])
+    dm.setup("fit")
+    batch = dm.collate(dm.val_set[:4])
+    completions, _, ended = module.completions(module.generate(batch, greedy=True), batch["input_ids"].shape[1])
+    expected = reward_model.score(batch["prompts"], completions)
+    torch.testing.assert_close(module.scores(batch["prompts"], completions, ended), expected)
