@@ -16,9 +16,18 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def task_files(tmp_path_factory) -> dict:
+    """Demo task data whose SFT part mixes two answer styles; the preference data prefers the bare answer."""
     from lightning_align.demos import write_task_data
 
-    return write_task_data(tmp_path_factory.mktemp("tasks"), n_train=2000, n_val=200)
+    return write_task_data(tmp_path_factory.mktemp("tasks"), n_train=2000, n_val=200, verbose_share=0.5)
+
+
+@pytest.fixture(scope="session")
+def plain_task_files(tmp_path_factory) -> dict:
+    """Demo task data with one answer style, for measuring what SFT alone learns."""
+    from lightning_align.demos import write_task_data
+
+    return write_task_data(tmp_path_factory.mktemp("plain-tasks"), n_train=2000, n_val=200)
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +63,8 @@ def trainer(tmp_path, **kwargs):
 
 @pytest.fixture(scope="session")
 def sft_model(tiny_model, task_files, tmp_path_factory) -> str:
-    """The tiny model after SFT on the demo tasks (about 25% held-out accuracy): the start of later stages."""
+    """The tiny model after SFT on the mixed-style demo data: about 80% of its greedy answers are verbose, and about
+    12% of them are the bare right answer. The start of the preference and RL stages."""
     import lightning as L
 
     from lightning_align import SFTDataModule, SFTModule
@@ -65,3 +75,18 @@ def sft_model(tiny_model, task_files, tmp_path_factory) -> str:
     dm = SFTDataModule(tiny_model, task_files["sft_train"], batch_size=32, max_length=64)
     trainer(root, max_steps=600).fit(module, datamodule=dm)
     return str(module.save_pretrained(root / "model"))
+
+
+@pytest.fixture(scope="session")
+def sft_adapter(tiny_model, task_files, tmp_path_factory) -> str:
+    """A LoRA adapter exported by a short SFT run on the tiny model: the start of multi-stage adapter runs."""
+    import lightning as L
+
+    from lightning_align import LoRA, SFTDataModule, SFTModule
+
+    root = tmp_path_factory.mktemp("sft-adapter")
+    L.seed_everything(0)
+    module = SFTModule(tiny_model, learning_rate=1e-2)
+    dm = SFTDataModule(tiny_model, task_files["sft_train"], batch_size=16, max_length=64)
+    trainer(root, max_steps=30, callbacks=[LoRA(r=4, save_dir=str(root / "adapter"))]).fit(module, datamodule=dm)
+    return str(root / "adapter")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import enum
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_align.modules.base import AlignModule, ModelAdapter, load_pretrained
+from lightning_align.modules.reference import START_ADAPTER
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -23,6 +25,28 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+INIT_MODES = ("continue", "merge")
+
+
+def plain_data(value):
+    """Config values as plain Python types: checkpoints must load with `torch.load(weights_only=True)`."""
+    if isinstance(value, dict):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        items = [plain_data(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, set) else items
+    if isinstance(value, enum.Enum):  # PeftType and TaskType are str enums: pickled, they would need peft
+        return plain_data(value.value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return type(value)(value) if value is not None else None
+    return str(value)
+
+
+def check_adapter_folder(path: str) -> None:
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"init_adapter '{path}' is not a peft adapter folder: it has no adapter_config.json")
+
+
 class LoRA(L.Callback, ModelAdapter):
     """Low-rank adapters (Hu et al. 2021) on a frozen base, through peft.
 
@@ -33,6 +57,13 @@ class LoRA(L.Callback, ModelAdapter):
             reward model's score head) are added automatically.
         save_dir: where the adapter is saved at the end of training (default: `<default_root_dir>/adapter`);
             with `merge_on_save`, a merged plain model is saved to `<save_dir>/merged` as well.
+        init_adapter: a peft adapter folder to start from (for example the adapter export of an SFT run).
+        init_mode: "continue" (the default) trains that adapter further, keeping its own rank and targets; "merge"
+            merges it into the base weights and adds a fresh adapter (r, alpha, ...) on top.
+
+    Either way, DPO and PPO use the model the stage started from (base + `init_adapter`) as their reference, with
+    no second copy of the base: "continue" keeps a frozen copy of the start adapter and switches to it, "merge"
+    disables the new adapter.
     """
 
     def __init__(
@@ -44,7 +75,12 @@ class LoRA(L.Callback, ModelAdapter):
         modules_to_save: list[str] | None = None,
         save_dir: str | None = None,
         merge_on_save: bool = False,
+        init_adapter: str | None = None,
+        init_mode: str = "continue",
     ):
+        if init_mode not in INIT_MODES:
+            raise ValueError(f"unknown init_mode {init_mode!r}; valid: {', '.join(INIT_MODES)}")
+        self.init_adapter, self.init_mode = init_adapter, init_mode
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules = target_modules
         self.modules_to_save = list(modules_to_save or [])
@@ -70,7 +106,13 @@ class LoRA(L.Callback, ModelAdapter):
         if module.gradient_checkpointing:
             # With a frozen embedding no input requires grad, and checkpointed blocks would pass no gradient back.
             model.enable_input_require_grads()
-        model = get_peft_model(model, self.lora_config(module))
+        if self.init_adapter is not None and self.init_mode == "continue":
+            model = self.continue_adapter(model, module)
+        else:
+            if self.init_adapter is not None:
+                model = self.merge_start_adapter(model)
+            model = get_peft_model(model, self.lora_config(module))
+            model.start_adapter_merged = self.init_adapter  # read by the reference, to report what it is
         self.trainable_params, self.total_params = count_parameters(model)
         rank_zero_info(
             f"{type(self).__name__}: {self.trainable_params:,} trainable of {self.total_params:,} parameters "
@@ -78,16 +120,43 @@ class LoRA(L.Callback, ModelAdapter):
         )
         return model
 
+    def continue_adapter(self, model: nn.Module, module: AlignModule) -> nn.Module:
+        from peft import PeftModel
+
+        check_adapter_folder(self.init_adapter)
+        model = PeftModel.from_pretrained(model, self.init_adapter, is_trainable=True)
+        saved = set(model.peft_config["default"].modules_to_save or ())
+        missing = [head for head in getattr(module, "trained_heads", ()) if head not in saved]
+        if missing:
+            raise ValueError(
+                f"init_adapter '{self.init_adapter}' does not train the {', '.join(missing)} head that "
+                f"{type(module).__name__} needs (it was not saved with the adapter): use init_mode='merge', which "
+                "merges it into the base and trains a fresh adapter and head on top"
+            )
+        if getattr(module, "uses_reference", False):
+            model.load_adapter(self.init_adapter, adapter_name=START_ADAPTER, is_trainable=False)
+            model.set_adapter("default")
+        config = model.peft_config["default"]
+        rank_zero_info(f"{type(self).__name__}: continuing adapter '{self.init_adapter}' (r={config.r})")
+        return model
+
+    def merge_start_adapter(self, model: nn.Module) -> nn.Module:
+        from peft import PeftModel
+
+        check_adapter_folder(self.init_adapter)
+        rank_zero_info(f"{type(self).__name__}: merging '{self.init_adapter}' into the base, then a fresh adapter")
+        return PeftModel.from_pretrained(model, self.init_adapter).merge_and_unload()
+
     def merged_copy(self, model: nn.Module, module: AlignModule) -> nn.Module:
         """A plain model with the adapter merged into a copy of the base weights."""
-        return copy.deepcopy(model).merge_and_unload()
+        return copy.deepcopy(model).merge_and_unload(adapter_names=["default"])
 
     def adapter_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.save_dir) if self.save_dir else Path(trainer.default_root_dir) / "adapter"
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # The trained weights are in the checkpoint's state dict; the peft config lets a reader rebuild the model.
-        checkpoint["adapter_config"] = pl_module.model.peft_config["default"].to_dict()
+        checkpoint["adapter_config"] = plain_data(pl_module.model.peft_config["default"].to_dict())
         if trainer.is_global_zero:
             pl_module.save_pretrained(self.adapter_dir(trainer) / f"step-{trainer.global_step}")
 
@@ -105,7 +174,8 @@ class QLoRA(LoRA):
         quant_type: "nf4" (4-bit NormalFloat) or "fp4".
         double_quant: also quantise the quantisation constants (saves ~0.4 bits per weight).
         compute_dtype: dtype of the matrix products ("bfloat16" by default, "float32" or "float16").
-        Other arguments as `LoRA`. The merged export reloads the base in full precision and merges into that,
+        Other arguments as `LoRA` (a start adapter can only be continued: merging it would go into 4-bit weights).
+        The merged export reloads the base in full precision and merges into that,
         never into the 4-bit weights, so it needs the model as a name or folder.
     """
 
@@ -118,11 +188,21 @@ class QLoRA(LoRA):
         modules_to_save: list[str] | None = None,
         save_dir: str | None = None,
         merge_on_save: bool = False,
+        init_adapter: str | None = None,
+        init_mode: str = "continue",
         quant_type: str = "nf4",
         double_quant: bool = True,
         compute_dtype: str = "bfloat16",
     ):
-        super().__init__(r, alpha, dropout, target_modules, modules_to_save, save_dir, merge_on_save)
+        if init_adapter is not None and init_mode == "merge":
+            raise ValueError(
+                "QLoRA(init_mode='merge') would merge the start adapter into 4-bit weights and lose its precision: "
+                "use init_mode='continue', or merge it into a full-precision model first (LoRA's merge_on_save "
+                "export) and start QLoRA from that folder"
+            )
+        super().__init__(
+            r, alpha, dropout, target_modules, modules_to_save, save_dir, merge_on_save, init_adapter, init_mode
+        )
         self.quant_type = quant_type
         self.double_quant = double_quant
         self.compute_dtype = compute_dtype

@@ -110,4 +110,3 @@ def preference_segments(row: Row, tokenizer) -> tuple[Segments, Segments, Segmen
         return [chosen[0]], chosen[1:], rejected[1:]
     prompt = text_field(row, "prompt", allow_empty=True)
     return [(prompt, False)], [(text_field(row, "chosen"), True)], [(text_field(row, "rejected"), True)]
-

@@ -8,7 +8,7 @@ from lightning_align.demos.tasks import is_correct
 
 
 @torch.no_grad()
-def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 8, batch_size: int = 64):
+def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 64):
     """Greedy completions of plain-text prompts, decoded without special tokens."""
     was_training = model.training
     model.eval()
@@ -33,7 +33,8 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     return completions
 
 
-def task_accuracy(model, tokenizer, prompts: list[str], max_new_tokens: int = 8) -> float:
-    """Share of prompts whose greedy completion is exactly the task's answer."""
+def task_accuracy(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, any_style: bool = False) -> float:
+    """Share of prompts whose greedy completion is exactly the task's answer (the bare answer, which is also the
+    chosen response of the preference data; with `any_style` the verbose form counts too)."""
     completions = generate_completions(model, tokenizer, prompts, max_new_tokens)
-    return sum(is_correct(p, c) for p, c in zip(prompts, completions)) / len(prompts)
+    return sum(is_correct(p, c, any_style) for p, c in zip(prompts, completions)) / len(prompts)

@@ -12,6 +12,8 @@ import string
 from pathlib import Path
 
 TASK_NAMES = ("sort", "reverse", "add")
+# The second answer style of mixed SFT data (see `write_task_data`); the preferred answer is always the bare one.
+VERBOSE_PREFIX = "Answer: "
 
 
 def make_prompt(task: str, rng: random.Random) -> str:
@@ -51,8 +53,12 @@ def wrong_answer(prompt: str, rng: random.Random) -> str:
     return "".join(chars)
 
 
-def is_correct(prompt: str, completion: str) -> bool:
-    return completion.strip() == answer(prompt)
+def is_correct(prompt: str, completion: str, any_style: bool = False) -> bool:
+    """Whether the completion is exactly the answer; with `any_style` the verbose form counts too."""
+    given = completion.strip()
+    if any_style and given.startswith(VERBOSE_PREFIX):
+        given = given[len(VERBOSE_PREFIX) :]
+    return given == answer(prompt)
 
 
 def task_reward(prompts: list[str], completions: list[str]) -> list[float]:
@@ -74,12 +80,22 @@ def make_prompts(n: int, seed: int, tasks: tuple[str, ...] = TASK_NAMES) -> list
 
 
 def write_task_data(
-    root: str | Path, n_train: int = 3000, n_val: int = 300, seed: int = 0, tasks: tuple[str, ...] = TASK_NAMES
+    root: str | Path,
+    n_train: int = 3000,
+    n_val: int = 300,
+    seed: int = 0,
+    tasks: tuple[str, ...] = TASK_NAMES,
+    verbose_share: float = 0.0,
 ) -> dict[str, Path]:
     """Write SFT, preference and prompt JSONL files for the tasks; returns their paths by name.
 
     SFT, preference and prompt files each have their own training prompts; validation prompts are shared by the
     three and overlap none of them, so held-out accuracy measures generalisation.
+
+    `verbose_share` makes the SFT data mixed, as data pooled from several sources is: that share of completions
+    is written "Answer: <answer>". The preference data then prefers the bare answer: half its rejected responses
+    are the verbose form of the right answer, the others a wrong bare answer. This is the kind of fault that
+    preference training and RL fix (the tiny model's arithmetic mistakes are a matter of capability instead).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -89,9 +105,19 @@ def write_task_data(
     train = {kind: make_prompts(n_train, seed + 1000 * i, tasks) for i, kind in enumerate(kinds)}
     seen = set().union(*train.values())
     val = [p for p in make_prompts(n_val * 3, seed + 10_000, tasks) if p not in seen][:n_val]
+    style_rng = random.Random(seed + 2)
+
+    def sft_completion(p: str) -> str:
+        return (VERBOSE_PREFIX if style_rng.random() < verbose_share else "") + answer(p)
+
+    def rejected(p: str) -> str:
+        if verbose_share > 0 and style_rng.random() < 0.5:
+            return VERBOSE_PREFIX + answer(p)
+        return wrong_answer(p, rng)
+
     rows = {
-        "sft": lambda p: {"prompt": p + "\n", "completion": answer(p)},
-        "preference": lambda p: {"prompt": p + "\n", "chosen": answer(p), "rejected": wrong_answer(p, rng)},
+        "sft": lambda p: {"prompt": p + "\n", "completion": sft_completion(p)},
+        "preference": lambda p: {"prompt": p + "\n", "chosen": answer(p), "rejected": rejected(p)},
         "prompts": lambda p: {"prompt": p + "\n"},
     }
     paths = {}

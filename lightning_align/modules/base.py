@@ -59,6 +59,7 @@ class AlignModule(L.LightningModule):
     """
 
     auto_class_name = "AutoModelForCausalLM"
+    uses_reference = False  # DPO and PPO compare the policy with the model the stage started from
 
     def __init__(
         self,
@@ -165,7 +166,10 @@ class AlignModule(L.LightningModule):
         if merge_adapter and adapter is not None:
             model = adapter.merged_copy(model, self)
         if self._trainer is None or self.trainer.is_global_zero:  # one writer under several processes
-            model.save_pretrained(path)
+            if hasattr(model, "peft_config"):  # the trained adapter only, not a frozen start copy beside it
+                model.save_pretrained(path, selected_adapters=["default"])
+            else:
+                model.save_pretrained(path)
             if self.model_name_or_path is not None:
                 save_tokenizer_from(self.model_name_or_path, path)
         return path

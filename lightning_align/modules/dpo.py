@@ -9,6 +9,13 @@ from torchmetrics import MeanMetric
 
 from lightning_align.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps, simpo_loss, token_logps
 from lightning_align.modules.base import AlignModule, causal_lm_logits
+from lightning_align.modules.ref_cache import (
+    RefLogpsCache,
+    examples_fingerprint,
+    reference_weights,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
 from lightning_align.modules.reference import Reference, frozen
 
 PREFERENCE_METRICS = (
@@ -42,6 +49,10 @@ class DPOModule(AlignModule):
         ref_model: a model name or folder to use as the reference instead of the starting policy.
         precompute_ref_logps: score the training and validation data with the reference once before training,
             then release the reference network.
+        ref_cache_dir: a folder to keep the precomputed log-probs in and reuse in later runs (implies
+            `precompute_ref_logps`). They are reused only if the data, the reference's weights, the tokenizer,
+            `max_length` and the truncation are unchanged; otherwise, or if the file is damaged, they are
+            recomputed and the log says why.
         Other arguments as `AlignModule`.
 
     The reference is picked automatically and reported at start: with a LoRA / QLoRA callback, the same network
@@ -58,6 +69,7 @@ class DPOModule(AlignModule):
         rpo_alpha: float = 0.0,
         ref_model: str | None = None,
         precompute_ref_logps: bool = False,
+        ref_cache_dir: str | None = None,
         **kwargs,
     ):
         if loss_type not in DPO_LOSS_TYPES + ("simpo",):
@@ -69,13 +81,18 @@ class DPOModule(AlignModule):
         self.simpo_gamma = simpo_gamma
         self.rpo_alpha = rpo_alpha
         self.ref_model_path = ref_model
-        self.precompute_ref_logps = precompute_ref_logps and loss_type != "simpo"
+        self.ref_cache_dir = ref_cache_dir
+        self.precompute_ref_logps = (precompute_ref_logps or ref_cache_dir is not None) and loss_type != "simpo"
         self.reference: Reference | None = None
         self.val_metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in PREFERENCE_METRICS})
 
     @property
     def reference_free(self) -> bool:
         return self.loss_type == "simpo"
+
+    @property
+    def uses_reference(self) -> bool:
+        return not self.reference_free and self.ref_model_path is None
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -99,17 +116,56 @@ class DPOModule(AlignModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or getattr(datamodule, "train_set", None) is None:
             raise ValueError("precompute_ref_logps=True needs a PreferenceDataModule to write the log-probs into")
-        for examples in (datamodule.train_set, datamodule.val_set):
-            for start in range(0, len(examples), datamodule.batch_size):
-                chunk = examples[start : start + datamodule.batch_size]
-                if all("ref_chosen_logps" in e for e in chunk):
-                    continue
-                batch = self.transfer_batch_to_device(datamodule.collate(chunk), self.device, 0)
-                with self.trainer.precision_plugin.forward_context():
-                    chosen, rejected = self.reference_logps(batch)
-                for example, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
-                    example["ref_chosen_logps"], example["ref_rejected_logps"] = c, r
+        splits = {"train": datamodule.train_set, "val": datamodule.val_set}
+        cache = fingerprint = logps = None
+        if self.ref_cache_dir is not None:
+            cache = RefLogpsCache(self.ref_cache_dir)
+            fingerprint = self.reference_fingerprint(datamodule) if self.trainer.is_global_zero else None
+            rows = {split: len(examples) for split, examples in splits.items()}
+            logps = cache.load(fingerprint, rows) if self.trainer.is_global_zero else None
+            logps = self.trainer.strategy.broadcast(logps, src=0)
+        if logps is None:
+            logps = {split: self.computed_ref_logps(datamodule, examples) for split, examples in splits.items()}
+            if cache is not None and self.trainer.is_global_zero:
+                cache.save(fingerprint, logps)
+        for split, examples in splits.items():
+            for example, (chosen, rejected) in zip(examples, logps[split].tolist()):
+                example["ref_chosen_logps"], example["ref_rejected_logps"] = chosen, rejected
         self.reference = None  # released: every example now carries its reference log-probs
+
+    def computed_ref_logps(self, datamodule, examples: list[dict]) -> torch.Tensor:
+        """[rows, 2] reference log-probs of (chosen, rejected). Each process scores its share of the rows and
+        all share the results, so the work is done once per process group."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        per_rank = -(-len(examples) // world)
+        mine = examples[rank * per_rank : (rank + 1) * per_rank]
+        # Equal shares (the last padded with repeats) keep every process in step under sharded strategies.
+        mine = mine + examples[: per_rank - len(mine)] if examples else []
+        scored = [torch.zeros(0, 2)]
+        for start in range(0, len(mine), datamodule.batch_size):
+            batch = self.transfer_batch_to_device(
+                datamodule.collate(mine[start : start + datamodule.batch_size]), self.device, 0
+            )
+            batch.pop("ref_chosen_logps", None), batch.pop("ref_rejected_logps", None)
+            with self.trainer.precision_plugin.forward_context():
+                chosen, rejected = self.reference_logps(batch)
+            scored.append(torch.stack([chosen, rejected], -1).float().cpu())
+        local = torch.cat(scored)
+        if world > 1:
+            local = self.trainer.strategy.all_gather(local.to(self.device)).cpu().reshape(-1, 2)
+        return local[: len(examples)]
+
+    def reference_fingerprint(self, datamodule) -> dict[str, str]:
+        weights = reference_weights(self.model, self.reference)
+        return {
+            "train data": examples_fingerprint(datamodule.train_set),
+            "val data": examples_fingerprint(datamodule.val_set),
+            "rows": f"{len(datamodule.train_set)}+{len(datamodule.val_set)}",
+            "reference": f"{self.reference.kind}:{weights_fingerprint(weights)}",
+            "tokenizer": tokenizer_fingerprint(datamodule.tokenizer),
+            "max_length": str(datamodule.max_length),
+            "truncation": str(getattr(datamodule, "truncation", "")),
+        }
 
     def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in batch:

@@ -29,6 +29,23 @@ class AdaptiveKLController:
         return self.value
 
 
+def load_critic(path: str, vocab_size: int) -> nn.Module:
+    """A separate value model from a reward model folder: its score head, applied at every position, is V(s_t)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_align.modules.base import load_pretrained
+
+    critic = load_pretrained(path, AutoModelForSequenceClassification, num_labels=1)
+    if not hasattr(critic, "score"):
+        raise ValueError(f"critic '{path}': {type(critic).__name__} has no `score` head to read values from")
+    if critic.config.vocab_size != vocab_size:
+        raise ValueError(
+            f"critic '{path}' has a vocabulary of {critic.config.vocab_size} tokens, the policy {vocab_size}: "
+            "the critic reads the policy's token ids, so it must share the policy's tokenizer"
+        )
+    return critic.train()
+
+
 def response_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask over the response tokens up to and including the first EOS, whether each response has an EOS)."""
     is_eos = responses == eos_token_id
@@ -48,15 +65,19 @@ class PPOModule(AlignModule):
         ppo_epochs, minibatch_size: passes over each rollout batch and sequences per gradient step.
         clip_eps, value_clip_eps, vf_coef: PPO's policy and value clipping and the value loss weight.
         gamma, lam: discount and GAE parameter.
+        critic: a reward model folder (sharing the policy's tokenizer) to initialise a separate value model from,
+            trained in full beside the policy, as in Ouyang et al. 2022. By default the value model is a scalar
+            head on the policy's last hidden states: no second network.
         kl_coef, target_kl, kl_horizon: KL penalty weight, adaptive when `target_kl` is set.
         kl_estimator: "k1", "k2" or "k3" (see `kl_penalty`).
         whiten_scores, score_clip, missing_eos_penalty: score normalisation over the batch, clipping to
             [-score_clip, score_clip], and a penalty subtracted from completions that did not end with EOS.
         Other arguments as `AlignModule`.
 
-    The value model is a scalar head on the policy's last hidden states. The reference is the adapter-disabled
-    policy under LoRA / QLoRA, else a frozen copy of the starting policy.
+    The reference is the adapter-disabled policy under LoRA / QLoRA, else a frozen copy of the starting policy.
     """
+
+    uses_reference = True
 
     def __init__(
         self,
@@ -73,6 +94,7 @@ class PPOModule(AlignModule):
         vf_coef: float = 0.1,
         gamma: float = 1.0,
         lam: float = 0.95,
+        critic: str | None = None,
         kl_coef: float = 0.05,
         target_kl: float | None = None,
         kl_horizon: int = 10_000,
@@ -94,6 +116,8 @@ class PPOModule(AlignModule):
         self.kl_estimator = kl_estimator
         self.whiten_scores, self.score_clip, self.missing_eos_penalty = whiten_scores, score_clip, missing_eos_penalty
         self.max_grad_norm = max_grad_norm
+        self.critic_source = critic
+        self.critic: nn.Module | None = None
         self.value_head: nn.Linear | None = None
         self.reference: Reference | None = None
         self.reward_fn: RewardFunction | None = None
@@ -102,7 +126,9 @@ class PPOModule(AlignModule):
     # ----- set-up ------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         super().configure_model()
-        if self.value_head is None:
+        if self.critic_source is not None and self.critic is None:
+            self.critic = load_critic(self.critic_source, self.model.config.vocab_size)
+        if self.critic_source is None and self.value_head is None:
             self.value_head = nn.Linear(self.model.config.hidden_size, 1)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
@@ -130,7 +156,7 @@ class PPOModule(AlignModule):
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
-            output_hidden_states=with_values,
+            output_hidden_states=with_values and self.critic is None,
         )
         # Position t predicts token t+1: the response tokens are predicted from prompt_length-1 onwards.
         logits = out.logits[:, prompt_length - 1 : -1].float() / self.sampling["temperature"]
@@ -139,7 +165,12 @@ class PPOModule(AlignModule):
         logprobs = log_softmax.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
         entropy = -(log_softmax.exp() * log_softmax).sum(-1)
         values = None
-        if with_values:
+        if with_values and self.critic is not None:
+            hidden = self.critic.base_model(
+                input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+            values = self.critic.score(hidden[:, prompt_length - 1 : -1]).squeeze(-1).float()
+        elif with_values:
             hidden = out.hidden_states[-1][:, prompt_length - 1 : -1]
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return logprobs, entropy, values

@@ -19,9 +19,17 @@ def frozen(model: nn.Module) -> nn.Module:
     return model
 
 
+START_ADAPTER = "start"  # the adapter name the LoRA callbacks give a frozen copy of a continued start adapter
+
+
 class Reference:
-    """pi_ref for a policy: the policy with its adapter disabled (no second copy of the weights), a frozen copy
-    of the policy as it was at the start, or an explicit other model.
+    """pi_ref for a policy: the model the stage started from, or an explicit other model.
+
+    - the policy with its start adapter switched in, when a LoRA / QLoRA run continues an adapter (a frozen copy of
+      the adapter, never of the base);
+    - the policy with its adapter disabled, under a fresh LoRA / QLoRA adapter (the base may hold a merged one);
+    - a frozen copy of the starting policy, without adapters;
+    - `ref_model` when given.
 
     The frozen network is held outside the LightningModule's submodules, so checkpoints do not carry a second
     copy of the weights; `to` follows the policy's device and dtype instead.
@@ -29,11 +37,17 @@ class Reference:
 
     def __init__(self, policy: nn.Module, ref_model: nn.Module | None = None):
         self.uses_adapter = ref_model is None and is_peft_model(policy)
+        self.start_adapter = self.uses_adapter and START_ADAPTER in policy.peft_config
         self.network = None if self.uses_adapter else frozen(ref_model or copy.deepcopy(policy))
         if ref_model is not None:
             self.kind = "explicit ref_model"
+        elif self.start_adapter:
+            self.kind = "frozen start adapter"
+        elif self.uses_adapter:
+            merged = getattr(policy, "start_adapter_merged", None)
+            self.kind = "adapter-disabled base" + (f" (with '{merged}' merged in)" if merged else "")
         else:
-            self.kind = "adapter-disabled base" if self.uses_adapter else "frozen copy of the starting policy"
+            self.kind = "frozen copy of the starting policy"
 
     def to(self, like: nn.Module) -> None:
         if self.network is not None:
@@ -45,7 +59,13 @@ class Reference:
     def __call__(self, policy: nn.Module):
         """The reference network, in a no-grad context."""
         with torch.no_grad():
-            if self.uses_adapter:
+            if self.start_adapter:
+                policy.set_adapter(START_ADAPTER, inference_mode=True)
+                try:
+                    yield policy
+                finally:
+                    policy.set_adapter("default")  # active and trainable again; the start adapter stays frozen
+            elif self.uses_adapter:
                 with policy.disable_adapter():
                     yield policy
             else:

@@ -10,8 +10,10 @@ from tests.conftest import trainer
 IDS = torch.tensor([[1, 30, 31, 32, 40, 41], [1, 50, 51, 52, 53, 54]])
 
 
-def fit_sft(tiny_model, task_files, tmp_path, adapter, steps=20, learning_rate=1e-2, **trainer_args):
-    dm = SFTDataModule(tiny_model, task_files["sft_train"], task_files["sft_val"], batch_size=16, max_length=64)
+def fit_sft(tiny_model, plain_task_files, tmp_path, adapter, steps=20, learning_rate=1e-2, **trainer_args):
+    dm = SFTDataModule(
+        tiny_model, plain_task_files["sft_train"], plain_task_files["sft_val"], batch_size=16, max_length=64
+    )
     module = SFTModule(tiny_model, learning_rate=learning_rate)
     fit = trainer(tmp_path, max_steps=steps, callbacks=[adapter], limit_val_batches=2, **trainer_args)
     fit.fit(module, datamodule=dm)
@@ -39,12 +41,12 @@ def test_trainable_count_is_r_times_in_plus_out_over_all_targeted_linears(tiny_m
     assert len(targeted) == 4 * 7  # q k v o gate up down in each of 4 layers
 
 
-def test_lora_trains_adapter_only_and_save_reload_merge_keep_the_logits(tiny_model, task_files, tmp_path):
+def test_lora_trains_adapter_only_and_save_reload_merge_keep_the_logits(tiny_model, plain_task_files, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base_before = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_model).state_dict().items()}
-    module, fit = fit_sft(tiny_model, task_files, tmp_path, LoRA(r=4, merge_on_save=True))
+    module, fit = fit_sft(tiny_model, plain_task_files, tmp_path, LoRA(r=4, merge_on_save=True))
     base_after = module.model.get_base_model().state_dict()
     for name, weight in base_before.items():
         peft_name = name.replace(".weight", ".base_layer.weight") if "proj" in name else name
@@ -62,11 +64,11 @@ def test_lora_trains_adapter_only_and_save_reload_merge_keep_the_logits(tiny_mod
     torch.testing.assert_close(logits(merged), trained, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_saves_the_adapter_with_each_checkpoint(tiny_model, task_files, tmp_path):
+def test_lora_saves_the_adapter_with_each_checkpoint(tiny_model, plain_task_files, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
-    dm = SFTDataModule(tiny_model, task_files["sft_train"], batch_size=8)
+    dm = SFTDataModule(tiny_model, plain_task_files["sft_train"], batch_size=8)
     fit = trainer(tmp_path, max_steps=4, callbacks=[LoRA(r=4), ckpt], enable_checkpointing=True)
     fit.fit(SFTModule(tiny_model), datamodule=dm)
     assert (tmp_path / "adapter" / "step-2" / "adapter_model.safetensors").exists()
@@ -76,8 +78,10 @@ def test_lora_saves_the_adapter_with_each_checkpoint(tiny_model, task_files, tmp
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-def test_lora_runs_and_learns_under_bf16(tiny_model, task_files, tmp_path, precision):
-    dm = SFTDataModule(tiny_model, task_files["sft_train"], task_files["sft_val"], batch_size=16, max_length=64)
+def test_lora_runs_and_learns_under_bf16(tiny_model, plain_task_files, tmp_path, precision):
+    dm = SFTDataModule(
+        tiny_model, plain_task_files["sft_train"], plain_task_files["sft_val"], batch_size=16, max_length=64
+    )
     module = SFTModule(tiny_model, learning_rate=1e-2)
     fit = trainer(tmp_path, max_steps=30, callbacks=[LoRA(r=8)], limit_val_batches=2, precision=precision)
     fit.validate(module, datamodule=dm)
@@ -90,10 +94,12 @@ def test_lora_runs_and_learns_under_bf16(tiny_model, task_files, tmp_path, preci
     assert module.model.get_base_model().model.layers[0].mlp.up_proj.lora_A["default"].weight.dtype == expected
 
 
-def test_qlora_quantises_targeted_linears_to_4bit_and_trains(tiny_model, task_files, tmp_path):
+def test_qlora_quantises_targeted_linears_to_4bit_and_trains(tiny_model, plain_task_files, tmp_path):
     import bitsandbytes as bnb
 
-    dm = SFTDataModule(tiny_model, task_files["sft_train"], task_files["sft_val"], batch_size=16, max_length=64)
+    dm = SFTDataModule(
+        tiny_model, plain_task_files["sft_train"], plain_task_files["sft_val"], batch_size=16, max_length=64
+    )
     module = SFTModule(tiny_model, learning_rate=1e-2)
     fit = trainer(tmp_path, max_steps=30, callbacks=[QLoRA(r=8, merge_on_save=True)], limit_val_batches=2)
     fit.validate(module, datamodule=dm)
@@ -108,11 +114,11 @@ def test_qlora_quantises_targeted_linears_to_4bit_and_trains(tiny_model, task_fi
     return module
 
 
-def test_qlora_adapter_reloads_and_merges_into_a_full_precision_base(tiny_model, task_files, tmp_path):
+def test_qlora_adapter_reloads_and_merges_into_a_full_precision_base(tiny_model, plain_task_files, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    module = test_qlora_quantises_targeted_linears_to_4bit_and_trains(tiny_model, task_files, tmp_path)
+    module = test_qlora_quantises_targeted_linears_to_4bit_and_trains(tiny_model, plain_task_files, tmp_path)
     trained = logits(module.model)
     quantised = AutoModelForCausalLM.from_pretrained(
         tiny_model,

@@ -1,6 +1,5 @@
 """Preference rows: shared prompt, response-only scoring, truncation and the errors."""
 
-
 import pytest
 
 from lightning_align import DataError, PreferenceDataModule

@@ -75,12 +75,14 @@ def test_val_loss_is_token_weighted_over_the_whole_set_and_perplexity_its_exp(ti
 
 
 @pytest.mark.slow
-def test_sft_raises_heldout_task_accuracy(tiny_model, tokenizer, task_files, tmp_path):
+def test_sft_raises_heldout_task_accuracy(tiny_model, tokenizer, plain_task_files, tmp_path):
     import lightning as L
 
     L.seed_everything(0)  # the tiny model's learning curve has a sharp step whose timing depends on the seed
-    prompts = [json.loads(line)["prompt"] for line in open(task_files["sft_val"])][:150]
-    dm = SFTDataModule(tiny_model, task_files["sft_train"], task_files["sft_val"], batch_size=32, max_length=64)
+    prompts = [json.loads(line)["prompt"] for line in open(plain_task_files["sft_val"])][:150]
+    dm = SFTDataModule(
+        tiny_model, plain_task_files["sft_train"], plain_task_files["sft_val"], batch_size=32, max_length=64
+    )
     module = SFTModule(tiny_model, learning_rate=3e-3, warmup_steps=30)
     fit = trainer(tmp_path, max_steps=1200, limit_val_batches=2, val_check_interval=400, check_val_every_n_epoch=None)
     module.configure_model()
