@@ -1,6 +1,6 @@
 """Fine-tune and align Hugging Face causal LMs the Lightning way."""
 
-from lightning_align.callbacks import LoRA, QLoRA
+from lightning_align.callbacks import ExportPretrained, GenerationSamples, LoRA, QLoRA
 from lightning_align.data import DataError, PreferenceDataModule, PromptDataModule, SFTDataModule
 from lightning_align.modules import AlignModule, DPOModule, PPOModule, RewardModule, SFTModule
 
@@ -9,6 +9,8 @@ __all__ = [
     "AlignModule",
     "DPOModule",
     "DataError",
+    "ExportPretrained",
+    "GenerationSamples",
     "LoRA",
     "PPOModule",
     "PreferenceDataModule",

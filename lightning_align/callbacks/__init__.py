@@ -1,3 +1,5 @@
+from lightning_align.callbacks.export import ExportPretrained
 from lightning_align.callbacks.lora import LoRA, QLoRA
+from lightning_align.callbacks.samples import GenerationSamples
 
-__all__ = ["LoRA", "QLoRA"]
+__all__ = ["ExportPretrained", "GenerationSamples", "LoRA", "QLoRA"]

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_align.modules.base import AlignModule, ModelAdapter, load_pretrained
+from lightning_align.modules.base import AlignModule, ModelAdapter
 from lightning_align.modules.reference import START_ADAPTER
 
 
@@ -229,7 +229,7 @@ class QLoRA(LoRA):
     def merged_copy(self, model: nn.Module, module: AlignModule) -> nn.Module:
         from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-        base = load_pretrained(module.model_name_or_path, type(model.get_base_model()), dtype=torch.float32)
+        base = module.load_model(dtype=torch.float32)  # the module's own kind of model, heads included
         full = get_peft_model(base, copy.deepcopy(model.peft_config["default"]))
         set_peft_model_state_dict(full, get_peft_model_state_dict(model))
         return full.merge_and_unload()

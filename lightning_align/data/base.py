@@ -18,8 +18,10 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None):
     """Load a tokenizer; a missing pad token falls back to EOS (padding is masked out everywhere)."""
     from transformers import AutoTokenizer
 
+    from lightning_align.demos.assets import resolve_model
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
     except OSError as err:
         raise DataError(f"tokenizer '{name_or_path}' could not be loaded: {err}") from None
     if chat_template is not None:

@@ -29,6 +29,9 @@ class Row:
 
 
 def read_rows(source: DataSource) -> list[Row]:
+    from lightning_align.demos.assets import resolve_data
+
+    source = resolve_data(source)
     if not isinstance(source, (str, Path)):
         return _dataset_rows(source, name=f"<{type(source).__name__}>")
     path = Path(source)

@@ -32,8 +32,10 @@ class ModelAdapter:
 
 
 def load_pretrained(name_or_path: str, auto_class: type, **kwargs) -> nn.Module:
+    from lightning_align.demos.assets import resolve_model
+
     try:
-        return auto_class.from_pretrained(name_or_path, **kwargs)
+        return auto_class.from_pretrained(resolve_model(name_or_path), **kwargs)
     except OSError as err:
         raise FileNotFoundError(f"model '{name_or_path}' could not be loaded: {err}") from None
 
@@ -194,7 +196,9 @@ def real_tokens(batch: dict) -> int:
 def save_tokenizer_from(name_or_path: str, path: Path) -> None:
     from transformers import AutoTokenizer
 
+    from lightning_align.demos.assets import resolve_model
+
     try:
-        AutoTokenizer.from_pretrained(name_or_path).save_pretrained(path)
+        AutoTokenizer.from_pretrained(resolve_model(name_or_path)).save_pretrained(path)
     except (OSError, ValueError):
         rank_zero_info(f"no tokenizer saved with the model: none could be loaded from '{name_or_path}'")

@@ -65,7 +65,9 @@ def test_a_changed_row_or_max_length_recomputes_and_says_why(
     counted_reference_passes.clear()
     with caplog.at_level(logging.INFO):
         changed = precompute(sft_model, train, val, tmp_path / "cache", tmp_path / "b")
-    assert sum(counted_reference_passes) == 2 * (24 + 8)  # chosen and rejected rows and "stale (train data changed)" in caplog.text
+    assert sum(counted_reference_passes) == 2 * (
+        24 + 8
+    )  # chosen and rejected rows and "stale (train data changed)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO):
         precompute(sft_model, train, val, tmp_path / "cache", tmp_path / "c", max_length=12)

@@ -1,0 +1,3 @@
+from lightning_align.cli import main
+
+main()

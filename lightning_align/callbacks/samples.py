@@ -1,0 +1,104 @@
+"""A table of generated samples during training: prompts, completions and their scores."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_align.data.sources import DataSource, read_rows
+
+
+def prompt_text(fields: dict, tokenizer) -> str:
+    """A row's prompt as the model sees it: plain text, or chat messages rendered up to the assistant's turn."""
+    prompt = fields.get("prompt")
+    if prompt is None and isinstance(fields.get("messages"), list):
+        messages = fields["messages"]
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
+        prompt = messages[:last]
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return str(prompt)
+
+
+class GenerationSamples(L.Callback):
+    """Every `every_n_steps` training steps and at the end of training, greedy completions of a fixed set of
+    prompts with their scores: a `wandb.Table` under `WandbLogger`, rows appended to `<log_dir>/samples.csv`
+    under any other logger (or none). Only the first process writes.
+
+    Args:
+        prompts: a data source whose rows have a `prompt` (or chat `messages`); by default the module's
+            validation data, or its training data if it has none.
+        num_samples, max_new_tokens: how many prompts and how long the completions.
+        reward: `(prompts, completions) -> list[float]` or its `"package.module:function"` path; by default the
+            module's own reward (PPO) and no score otherwise.
+    """
+
+    def __init__(
+        self,
+        prompts: DataSource | None = None,
+        every_n_steps: int = 100,
+        num_samples: int = 8,
+        max_new_tokens: int = 32,
+        reward: str | None = None,
+    ):
+        self.prompts_source, self.every_n_steps = prompts, every_n_steps
+        self.num_samples, self.max_new_tokens, self.reward = num_samples, max_new_tokens, reward
+        self.prompts: list[str] | None = None
+        self.csv_path: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        source = self.prompts_source
+        datamodule = getattr(trainer, "datamodule", None)
+        if source is None and datamodule is not None:
+            source = datamodule.val_data if getattr(datamodule, "val_data", None) is not None else datamodule.train_data
+        if source is None:
+            raise ValueError("GenerationSamples needs `prompts`, or a datamodule whose data it can take them from")
+        rows = read_rows(source)[: self.num_samples]
+        self.prompts = [prompt_text(row.fields, pl_module.tokenizer) for row in rows]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
+            self.log_samples(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.log_samples(trainer, pl_module)
+
+    def scorer(self, pl_module):
+        if self.reward is not None:
+            from lightning_align.modules.rewards import resolve_reward
+
+            return resolve_reward(self.reward)[0]
+        return getattr(pl_module, "reward_fn", None)
+
+    def log_samples(self, trainer: L.Trainer, pl_module) -> None:
+        from lightning_align.demos.evaluate import generate_completions
+
+        if not hasattr(pl_module.model, "generate"):
+            rank_zero_warn(f"GenerationSamples: {type(pl_module.model).__name__} does not generate text; skipped")
+            return
+        completions = generate_completions(pl_module.model, pl_module.tokenizer, self.prompts, self.max_new_tokens)
+        scorer = self.scorer(pl_module)
+        scores = scorer(self.prompts, completions) if scorer is not None else [None] * len(completions)
+        if not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        rows = [[step, p, c, s] for p, c, s in zip(self.prompts, completions, scores)]
+        columns = ["step", "prompt", "completion", "score"]
+        from lightning.pytorch.loggers import WandbLogger
+
+        wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if wandb_loggers:
+            wandb_loggers[0].log_table(key="samples", columns=columns, data=rows, step=step)
+            return
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.csv_path = folder / "samples.csv"
+        new = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(columns)
+            writer.writerows(rows)

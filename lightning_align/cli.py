@@ -1,0 +1,59 @@
+"""`lightning-align fit --config x.yaml`: LightningCLI over the library's modules, data modules and callbacks.
+
+Modules and data modules are chosen by `class_path` (any `AlignModule` / `AlignDataModule`, ours or a user's),
+callbacks and loggers as in any LightningCLI. Errors in what the user gave (a bad value, a missing file, an
+unknown option of ours) end with one clear line, not a stack trace; set LIGHTNING_ALIGN_TRACEBACK=1 to see it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from lightning_align.data.base import AlignDataModule
+from lightning_align.data.sources import DataError
+from lightning_align.modules.base import AlignModule
+
+
+class LoggedConfig(SaveConfigCallback):
+    """Writes `config.yaml` next to the logs, as LightningCLI does, and logs the whole run config (model, data,
+    adapter and other callbacks, trainer) to every logger, so a W&B run shows what produced it."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.config.as_dict()
+        config.pop("config", None)  # the paths of the files it was read from
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"run": config})
+
+
+class AlignCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True):
+        super().__init__(
+            AlignModule,
+            AlignDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=LoggedConfig,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+
+
+USER_ERRORS = (DataError, FileNotFoundError, ValueError)
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        AlignCLI(args)
+    except USER_ERRORS as err:
+        if os.environ.get("LIGHTNING_ALIGN_TRACEBACK"):
+            raise
+        print(f"lightning-align: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

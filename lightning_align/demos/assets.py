@@ -1,0 +1,47 @@
+"""Names for the bundled demo assets, so configs can use them like hub names: the tiny model as
+`lightning-align/tiny-llama` and the demo task files as `demo:<file>` (for example `demo:sft_train`).
+Both are built locally on first use into the cache folder; nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEMO_MODEL = "lightning-align/tiny-llama"
+DEMO_DATA_PREFIX = "demo:"
+DEMO_FILES = tuple(f"{kind}_{split}" for kind in ("sft", "preference", "prompts") for split in ("train", "val"))
+DATA_VERSION = "v1"
+
+
+def resolve_model(name_or_path):
+    """The local folder of the tiny demo model for its name; any other name or path unchanged."""
+    if name_or_path == DEMO_MODEL:
+        from lightning_align.demos.tiny import tiny_model_path
+
+        return str(tiny_model_path())
+    return name_or_path
+
+
+def resolve_data(source):
+    """The file behind a `demo:<file>` name (written once, mixed-style SFT data); anything else unchanged."""
+    if not (isinstance(source, str) and source.startswith(DEMO_DATA_PREFIX)):
+        return source
+    from lightning_align.data.sources import DataError
+    from lightning_align.demos.tasks import write_task_data
+    from lightning_align.demos.tiny import cache_dir
+
+    name = source[len(DEMO_DATA_PREFIX) :]
+    if name not in DEMO_FILES:
+        raise DataError(f"{source}: no such demo file; valid: {', '.join(DEMO_DATA_PREFIX + f for f in DEMO_FILES)}")
+    folder = cache_dir() / f"demo-data-{DATA_VERSION}"
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".demo-data-"))
+        write_task_data(staging, verbose_share=0.5)
+        try:
+            os.rename(staging, folder)  # atomic: concurrent first uses see the whole folder or none
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(folder / f"{name}.jsonl")

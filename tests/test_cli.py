@@ -1,0 +1,107 @@
+"""The `lightning-align` CLI: every example config runs through it, logs its metrics and config to W&B (offline,
+read back from the run files), --print_config round-trips, and config errors end in one clear line."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.wandb_records import logged
+
+CONFIGS = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml"))
+SHORT_RUN = [
+    "--trainer.max_steps=2",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.val_check_interval=1",  # PPO validates after its first rollout batch
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+]
+METRICS = {  # what each module's issue says it logs
+    "sft": ["train/loss", "val/loss", "val/perplexity", "train/tokens_per_sec"],
+    "reward": ["train/loss", "val/accuracy", "val/margin"],
+    "dpo": ["train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
+    + ["logps/chosen", "logps/rejected", "val/loss", "val/rewards/accuracies", "val/rewards/margins"],
+    "ppo": ["reward/mean", "reward/std", "kl", "kl_coef", "entropy", "policy/clipfrac", "policy/approx_kl"]
+    + ["loss/policy", "loss/value", "response_length", "time/rollout", "time/learn", "val/reward"],
+}
+
+
+def cli(args, cwd, timeout=300):
+    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}  # nothing comes from the hub
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_align", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_home(tiny_model):
+    return os.environ["LIGHTNING_ALIGN_HOME"]  # set by tiny_model: subprocesses reuse the built model and data
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_example_config_runs_and_logs_its_metrics_and_config_to_wandb(config, demo_home, tmp_path):
+    method, variant = config.stem.split("_")
+    done = cli(["fit", "--config", str(config), *SHORT_RUN], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs" / config.stem / "wandb").glob("offline-run-*")
+    config_logged, metrics = logged(run_dir)
+    missing = [name for name in METRICS[method] if name not in metrics]
+    assert not missing, f"not logged to W&B: {missing}"
+    run = config_logged["run"]
+    assert run["model"]["class_path"].endswith(config_logged["run"]["model"]["class_path"].split(".")[-1])
+    assert (
+        run["model"]["init_args"]["learning_rate"]
+        == yaml.safe_load(config.read_text())["model"]["init_args"]["learning_rate"]
+    )
+    adapters = [cb["class_path"] for cb in run["trainer"]["callbacks"] if cb["class_path"].endswith("LoRA")]
+    assert adapters == ({"full": [], "lora": ["lightning_align.LoRA"], "qlora": ["lightning_align.QLoRA"]}[variant])
+    if "GenerationSamples" in config.read_text():
+        assert metrics.get("samples/_type") == ["table-file"]
+    assert (tmp_path / "runs" / config.stem / "export" / "config.json").is_file()  # the next stage's input
+
+
+def test_print_config_round_trips_to_the_same_run(demo_home, tmp_path):
+    config = next(c for c in CONFIGS if c.stem == "dpo_lora")
+    printed = cli(["fit", "--config", str(config), "--model.beta=0.2", "--print_config"], tmp_path)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    first = tmp_path / "printed.yaml"
+    first.write_text(printed.stdout)
+    assert yaml.safe_load(printed.stdout)["model"]["init_args"]["beta"] == 0.2  # overrides land in the config
+    again = cli(["fit", "--config", str(first), "--print_config"], tmp_path)
+    assert yaml.safe_load(again.stdout) == yaml.safe_load(printed.stdout)
+
+    losses = []
+    for source, name in ((config, "original"), (first, "printed")):
+        override = [f"--trainer.logger.init_args.save_dir=runs/{name}", "--model.beta=0.2"]
+        done = cli(["fit", "--config", str(source), *SHORT_RUN, *override], tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        (run_dir,) = (tmp_path / "runs" / name / "wandb").glob("offline-run-*")
+        losses.append(logged(run_dir)[1]["train/loss"])
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.init_args.betaa=0.2"], "betaa"),
+        (["--model.beta=strong"], "beta"),
+        (["--model.loss_type=dpop"], "unknown loss_type 'dpop'; valid: sigmoid, ipo, hinge, robust, simpo"),
+        (["--data.train_data=missing.jsonl"], "missing.jsonl: no such file or folder"),
+        (["--model.model=no/such-model"], "'no/such-model' could not be loaded"),
+    ],
+    ids=["unknown-key", "wrong-type", "unknown-loss-type", "missing-file", "missing-model"],
+)
+def test_config_errors_end_with_a_clear_message_not_a_traceback(demo_home, tmp_path, args, message):
+    config = next(c for c in CONFIGS if c.stem == "dpo_full")
+    done = cli(["fit", "--config", str(config), *SHORT_RUN, *args], tmp_path, timeout=120)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
