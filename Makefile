@@ -17,7 +17,11 @@ $(VENV)/.dev: $(VENV)/.base
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-demo: $(VENV)/.base
+$(VENV)/.demo: $(VENV)/.base
+	$(PY) -m pip install --quiet -e ".[demo]"
+	touch $@
+
+demo: $(VENV)/.demo
 	$(PY) examples/demo.py
 
 test: $(VENV)/.dev

@@ -1,50 +1,178 @@
-"""The main job on the bundled tiny model: supervised fine-tuning on the demo tasks, with before/after numbers.
+"""The full demo on the bundled tiny model: SFT -> DPO and SFT -> reward model -> PPO (with LoRA), then a
+before/after table and a PNG of the training curves.
 
 Run with `make demo`. Everything is built locally (tiny Llama-style model, character tokenizer, task data);
-nothing is downloaded.
+nothing is downloaded. The SFT data mixes two answer styles ("123" and "Answer: 123"), as data pooled from
+several sources does; the preference data and the task reward prefer the bare answer, which DPO and PPO learn.
+Logs go to runs/demo/<stage>/ as CSV and as offline W&B runs (`wandb sync` uploads them).
 """
 
+from __future__ import annotations
+
+import csv
 import json
+import os
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from lightning_align import SFTDataModule, SFTModule
-from lightning_align.demos import task_accuracy, tiny_model_path, write_task_data
+from lightning_align import (
+    DPOModule,
+    LoRA,
+    PPOModule,
+    PreferenceDataModule,
+    PromptDataModule,
+    RewardModule,
+    SFTDataModule,
+    SFTModule,
+)
+from lightning_align.demos import task_accuracy, task_reward, tiny_model_path, write_task_data
 
 RUN_DIR = Path("runs/demo")
 
 
+def stage_trainer(name: str, max_steps: int, callbacks=(), log_every_n_steps: int = 10) -> L.Trainer:
+    loggers = [
+        CSVLogger(RUN_DIR, name=name, version=0),
+        WandbLogger(project="lightning-align-demo", name=name, save_dir=str(RUN_DIR / name), offline=True),
+    ]
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=loggers,
+        log_every_n_steps=log_every_n_steps,
+        limit_val_batches=4,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=RUN_DIR / name,
+        callbacks=list(callbacks),
+    )
+
+
+def validated(trainer: L.Trainer, module, datamodule, names: list[str]) -> list[float]:
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    return [trainer.callback_metrics[name].item() for name in names]
+
+
 def main() -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
     L.seed_everything(0)
     model_path = str(tiny_model_path())
-    data = write_task_data(RUN_DIR / "data")
-    held_out = [json.loads(line)["prompt"] for line in open(data["sft_val"])][:200]
+    data = write_task_data(RUN_DIR / "data", n_train=2000, n_val=200, verbose_share=0.5)
+    held_out = [json.loads(line)["prompt"] for line in open(data["sft_val"])]
+    rows = []
 
-    datamodule = SFTDataModule(model_path, data["sft_train"], data["sft_val"], batch_size=32, max_length=64)
+    # 1. SFT: learns the tasks, in both answer styles.
+    sft_data = SFTDataModule(model_path, data["sft_train"], data["sft_val"], batch_size=32, max_length=64)
     sft = SFTModule(model_path, learning_rate=3e-3, warmup_steps=30)
-    trainer = L.Trainer(
-        max_steps=800,
-        val_check_interval=200,
-        check_val_every_n_epoch=None,
-        limit_val_batches=4,
-        default_root_dir=RUN_DIR / "sft",
-        accelerator="cpu",
-    )
+    trainer = stage_trainer("sft", 600)
     sft.configure_model()
-    accuracy_before = task_accuracy(sft.model, datamodule.tokenizer, held_out)
-    trainer.validate(sft, datamodule=datamodule, verbose=False)
-    loss_before = trainer.callback_metrics["val/loss"].item()
-    trainer.fit(sft, datamodule=datamodule)
-    loss_after = trainer.callback_metrics["val/loss"].item()
-    accuracy_after = task_accuracy(sft.model, datamodule.tokenizer, held_out)
-    export = sft.save_pretrained(RUN_DIR / "sft" / "model")
+    before = [task_accuracy(sft.model, sft_data.tokenizer, held_out, any_style=True)]
+    before += [task_accuracy(sft.model, sft_data.tokenizer, held_out)] + validated(trainer, sft, sft_data, ["val/loss"])
+    trainer.fit(sft, datamodule=sft_data)
+    after = [task_accuracy(sft.model, sft_data.tokenizer, held_out, any_style=True)]
+    after += [task_accuracy(sft.model, sft_data.tokenizer, held_out)] + validated(trainer, sft, sft_data, ["val/loss"])
+    sft_path = str(sft.save_pretrained(RUN_DIR / "sft" / "export"))
+    rows += [
+        ("SFT", "task accuracy (either style)", before[0], after[0]),
+        ("SFT", "bare answer, correct", before[1], after[1]),
+        ("SFT", "validation loss", before[2], after[2]),
+    ]
 
-    print("\nSFT on the demo tasks (sort digits, reverse a word, add two numbers), held-out prompts:")
-    print(f"{'metric':<28}{'before':>10}{'after':>10}")
-    print(f"{'validation loss':<28}{loss_before:>10.3f}{loss_after:>10.3f}")
-    print(f"{'task accuracy (greedy)':<28}{accuracy_before:>10.1%}{accuracy_after:>10.1%}")
-    print(f"\nSFT model saved to {export}")
+    # 2. DPO from the SFT model (full fine-tuning, frozen reference).
+    pairs = PreferenceDataModule(
+        sft_path, data["preference_train"], data["preference_val"], batch_size=16, max_length=64
+    )
+    dpo = DPOModule(sft_path, beta=0.1, rpo_alpha=1.0, learning_rate=1e-4, warmup_steps=10)
+    trainer = stage_trainer("dpo", 150)
+    dpo.configure_model()
+    chosen_before = task_accuracy(dpo.model, pairs.tokenizer, held_out)
+    accuracy_before = validated(trainer, dpo, pairs, ["val/rewards/accuracies"])[0]
+    trainer.fit(dpo, datamodule=pairs)
+    chosen_after = task_accuracy(dpo.model, pairs.tokenizer, held_out)
+    accuracy_after = validated(trainer, dpo, pairs, ["val/rewards/accuracies"])[0]
+    rows += [
+        ("DPO", "preference accuracy (implicit reward)", accuracy_before, accuracy_after),
+        ("DPO", "greedy answer is the chosen one", chosen_before, chosen_after),
+    ]
+
+    # 3. Reward model from the SFT model.
+    reward_model = RewardModule(sft_path, learning_rate=1e-3)
+    trainer = stage_trainer("reward", 300)
+    before = validated(trainer, reward_model, pairs, ["val/accuracy"])[0]
+    trainer.fit(reward_model, datamodule=pairs)
+    after = validated(trainer, reward_model, pairs, ["val/accuracy"])[0]
+    reward_path = str(reward_model.save_pretrained(RUN_DIR / "reward" / "export"))
+    rows.append(("Reward model", "held-out pair accuracy", before, after))
+
+    # 4. PPO from the SFT model with LoRA, against the trained reward model.
+    prompts = PromptDataModule(sft_path, data["prompts_train"], data["prompts_val"], batch_size=32)
+    ppo = PPOModule(
+        sft_path, reward=reward_path, max_new_tokens=12, kl_coef=0.1, whiten_scores=True, learning_rate=2e-3
+    )
+    adapter = LoRA(r=8, save_dir=str(RUN_DIR / "ppo" / "adapter"))
+    trainer = stage_trainer("ppo", 400, callbacks=[adapter], log_every_n_steps=1)  # one log per rollout batch
+    score_before = validated(trainer, ppo, prompts, ["val/reward"])[0]
+    task_before = mean_task_reward(ppo, prompts, held_out)
+    trainer.fit(ppo, datamodule=prompts)
+    score_after = validated(trainer, ppo, prompts, ["val/reward"])[0]
+    task_after = mean_task_reward(ppo, prompts, held_out)
+    rows += [
+        ("PPO (LoRA)", "reward model score (mean)", score_before, score_after),
+        ("PPO (LoRA)", "task reward (mean)", task_before, task_after),
+    ]
+
+    table = results_table(rows)
+    print("\n" + table)
+    (RUN_DIR / "results.md").write_text(table + "\n")
+    plot = plot_curves(RUN_DIR / "curves.png")
+    print(f"\nTraining curves: {plot}\nLogs: {RUN_DIR}/<stage>/ (CSV and offline W&B runs)")
+
+
+def mean_task_reward(ppo: PPOModule, prompts: PromptDataModule, held_out: list[str]) -> float:
+    from lightning_align.demos import generate_completions
+
+    completions = generate_completions(ppo.model, prompts.tokenizer, held_out, max_new_tokens=12)
+    return sum(task_reward(held_out, completions)) / len(held_out)
+
+
+def results_table(rows) -> str:
+    lines = ["| stage | held-out metric | before | after |", "|---|---|---:|---:|"]
+    for stage, metric, before, after in rows:
+        lines.append(f"| {stage} | {metric} | {before:.3f} | {after:.3f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("sft", "train/loss", "SFT: loss"),
+        ("dpo", "train/loss", "DPO: loss"),
+        ("dpo", "rewards/accuracies", "DPO: reward accuracy"),
+        ("reward", "train/loss", "Reward model: loss"),
+        ("ppo", "reward/mean", "PPO: reward model score"),
+        ("ppo", "kl", "PPO: KL to the reference"),
+    ]
+    figure, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for axis, (stage, metric, title) in zip(axes.flat, panels):
+        steps, values = [], []
+        with open(RUN_DIR / stage / "version_0" / "metrics.csv") as f:
+            for row in csv.DictReader(f):
+                if row.get(metric):
+                    steps.append(int(row["step"]))
+                    values.append(float(row[metric]))
+        axis.plot(steps, values)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    return path
 
 
 if __name__ == "__main__":

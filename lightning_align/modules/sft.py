@@ -14,20 +14,49 @@ class SFTModule(AlignModule):
 
     Trains from `SFTDataModule` or any DataLoader of such dicts. Logs `train/loss`, `val/loss`,
     `val/perplexity` (token-weighted over the whole validation set) and `train/tokens_per_sec`.
+
+    Every scored token weighs the same in an optimiser step, however the step's tokens are split over
+    accumulated micro-batches and processes: each micro-batch backpropagates its summed NLL (over a fixed scale),
+    and before the step the gradients are rescaled by the step's total scored-token count over all processes.
     """
+
+    # Keeps a summed loss's gradient in the range of a mean's; it cancels out before the optimiser step.
+    GRADIENT_SCALE_TOKENS = 1024
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.val_nll = SumMetric()
         self.val_tokens = SumMetric()
+        self.step_tokens = 0
 
     def loss(self, batch: dict) -> torch.Tensor:
         return sft_loss(causal_lm_logits(self.model, batch), batch["labels"])
 
     def training_step(self, batch, batch_idx):
-        loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+        scored = int((batch["labels"][:, 1:] != -100).sum())  # the first position is never predicted
+        if scored == 0:
+            raise ValueError(
+                f"training batch {batch_idx} has no scored tokens (every label is -100): nothing to learn from; "
+                "check the labels, or the data module's train_on_prompt and truncation settings"
+            )
+        self.step_tokens += scored
+        summed = sft_loss(
+            causal_lm_logits(self.model, batch), batch["labels"], num_scored_tokens=self.GRADIENT_SCALE_TOKENS
+        )
+        self.log("train/loss", summed.detach() * self.GRADIENT_SCALE_TOKENS / scored, prog_bar=True)
+        # Lightning divides the returned loss by accumulate_grad_batches; undo that, the rescale below replaces it.
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return summed * accumulate
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        tokens = torch.tensor(float(self.step_tokens), device=self.device)
+        total = self.trainer.strategy.reduce(tokens, reduce_op="sum")  # data parallelism averages gradients
+        scale = self.trainer.world_size * self.GRADIENT_SCALE_TOKENS / total.clamp(min=1)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.dtype))
+        self.step_tokens = 0
 
     def on_validation_epoch_start(self) -> None:
         # Reset here, inside the loop's own grad mode: states made under inference mode cannot be updated outside.
