@@ -39,8 +39,29 @@ def encode_segments(
         input_ids.insert(0, bos)
         labels.insert(0, bos if train_on_prompt else IGNORE_INDEX)
     if all(label == IGNORE_INDEX for label in labels):
-        raise DataError(f"{row.where()}: no token is scored, so this row would train on nothing")
+        raise DataError(
+            f"{row.where()}: no token is scored, so this row would train on nothing; the rendered text, scored "
+            f"parts in [[...]]: {marked_text(input_ids, labels, tokenizer)!r}"
+        )
+    prompt_tokens = [t for t, label in zip(input_ids, labels) if label == IGNORE_INDEX and t != bos]
+    if not train_on_prompt and not prompt_tokens:
+        raise DataError(
+            f"{row.where()}: every token is scored, the prompt too (is the prompt empty, or does the chat template "
+            "drop it?); pass train_on_prompt=True if that is meant. The rendered text, scored parts in [[...]]: "
+            f"{marked_text(input_ids, labels, tokenizer)!r}"
+        )
     return input_ids, labels
+
+
+def marked_text(input_ids: list[int], labels: list[int], tokenizer) -> str:
+    """The decoded row with its scored spans in [[...]], for error messages."""
+    parts, start = [], 0
+    for end in range(1, len(input_ids) + 1):
+        if end == len(input_ids) or (labels[end] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
+            text = tokenizer.decode(input_ids[start:end])
+            parts.append(text if labels[start] == IGNORE_INDEX else f"[[{text}]]")
+            start = end
+    return "".join(parts)
 
 
 def truncate(

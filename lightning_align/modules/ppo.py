@@ -69,7 +69,9 @@ class PPOModule(AlignModule):
             trained in full beside the policy, as in Ouyang et al. 2022. By default the value model is a scalar
             head on the policy's last hidden states: no second network.
         kl_coef, target_kl, kl_horizon: KL penalty weight, adaptive when `target_kl` is set.
-        kl_estimator: "k1", "k2" or "k3" (see `kl_penalty`).
+        kl_estimator: "k1", "k2" or "k3" (see `kl_penalty`). The logged `kl` (also as `kl/<estimator>`) is the
+            estimate summed over each response and averaged over the batch; k1's is unbiased but may be negative
+            per token and, on a small batch, overall; k3's is never negative.
         whiten_scores, score_clip, missing_eos_penalty: score normalisation over the batch, clipping to
             [-score_clip, score_clip], and a penalty subtracted from completions that did not end with EOS.
         Other arguments as `AlignModule`.
@@ -291,6 +293,7 @@ class PPOModule(AlignModule):
             "reward/mean": float(rollout["scores"].mean()),
             "reward/std": float(rollout["scores"].std()) if len(rollout["scores"]) > 1 else 0.0,
             "kl": kl,
+            f"kl/{self.kl_estimator}": kl,  # which estimator: k1 is unbiased but can be negative on a batch
             "kl_coef": self.kl_controller.value,
             "response_length": float(rollout["mask"].sum(-1).mean()),
             "time/rollout": rolled - started,

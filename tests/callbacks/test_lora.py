@@ -147,3 +147,21 @@ def test_qlora_needs_a_model_path():
     module = SFTModule(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="give the module a model name or folder"):
         QLoRA().load_kwargs(module)
+
+
+def test_gradient_checkpointing_with_lora_still_trains_the_adapter(tiny_model, plain_task_files, tmp_path):
+    from tests.modules.test_sft import GradientRecordingSFT
+
+    dm = SFTDataModule(
+        tiny_model, plain_task_files["sft_train"], plain_task_files["sft_val"], batch_size=16, max_length=64
+    )
+    module = GradientRecordingSFT(tiny_model, learning_rate=1e-2, gradient_checkpointing=True)
+    fit = trainer(tmp_path, max_steps=20, limit_val_batches=2, callbacks=[LoRA(r=4)])
+    fit.validate(module, datamodule=dm)
+    before = fit.callback_metrics["val/loss"].item()
+    fit.fit(module, datamodule=dm)
+    fit.validate(module, datamodule=dm)
+    assert module.model.base_model.model.is_gradient_checkpointing
+    lora_b = {n: g for n, g in module.first_step_grads.items() if "lora_B" in n}
+    assert len(lora_b) == 28 and all(g.abs().sum() > 0 for g in lora_b.values())  # every adapted layer learns
+    assert fit.callback_metrics["val/loss"].item() < before - 0.3

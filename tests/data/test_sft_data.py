@@ -182,3 +182,65 @@ def test_tokenizer_without_pad_token_pads_with_eos(tokenizer, tmp_path):
 
 def test_row_helper_names_place():
     assert Row("f.jsonl", 4, {}).where("chosen") == "f.jsonl row 4, field 'chosen'"
+
+
+def merging_tokenizer(folder):
+    """The demo tokenizer plus one BPE merge, "1" + "2" -> "12", so text can merge across a prompt boundary."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from lightning_align.demos.tiny import CHARACTERS, CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(CHARACTERS) + ["12"])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("1", "2")], unk_token="<unk>"))
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", chat_template=CHAT_TEMPLATE
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def test_prompt_is_a_true_token_prefix_when_bpe_merges_across_the_boundary(tmp_path):
+    tokenizer = merging_tokenizer(tmp_path / "tok")
+    prompt, completion = "sort: 321\nx1", "23"
+    joint = tokenizer(prompt + completion, add_special_tokens=False).input_ids
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    assert joint[: len(prompt_ids)] != prompt_ids  # "1" + "2" merged across the boundary: the trap is real here
+    data = write_jsonl(tmp_path / "a.jsonl", [{"prompt": prompt, "completion": completion}])
+    example = datamodule(str(tmp_path / "tok"), data).train_set[0]
+    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
+    assert example["input_ids"] == [tokenizer.bos_token_id] + prompt_ids + completion_ids + [tokenizer.eos_token_id]
+    scored = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE]
+    assert scored == completion_ids + [tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        (  # drops the assistant turns: nothing would be learned
+            "{{ bos_token }}{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}\n{% endif %}"
+            "{% endfor %}",
+            "no token is scored, so this row would train on nothing; the rendered text, scored parts in [[...]]: "
+            "'<s>sort: 21\\n'",
+        ),
+        (  # drops the user turns: the whole text would be learned as if it were the answer
+            "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+            "{% endif %}{% endfor %}",
+            "every token is scored, the prompt too",
+        ),
+    ],
+    ids=["all-unscored", "all-scored"],
+)
+def test_a_template_that_scores_nothing_or_everything_stops_with_the_marked_text(
+    tiny_model, tmp_path, template, message
+):
+    messages = [{"role": "user", "content": "sort: 21"}, {"role": "assistant", "content": "12"}]
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])
+    with pytest.raises(DataError, match="c.jsonl row 1") as raised:
+        datamodule(tiny_model, data, chat_template=template)
+    assert message in str(raised.value)
+    if "every token" in message:
+        assert "[[12</s>]]" in str(raised.value)

@@ -133,6 +133,7 @@ METRICS = (
     "reward/mean",
     "reward/std",
     "kl",
+    "kl/k1",
     "kl_coef",
     "entropy",
     "policy/clipfrac",

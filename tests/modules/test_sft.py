@@ -127,3 +127,45 @@ def test_loaded_model_is_in_train_mode_so_dropout_applies(tiny_model):
     module = SFTModule(tiny_model)
     module.configure_model()
     assert all(m.training for m in module.model.modules())
+
+
+class GradientRecordingSFT(SFTModule):
+    """Records the gradients the optimiser is about to apply at its first step (after the module's own rescale)."""
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)
+        if not hasattr(self, "first_step_grads"):
+            self.first_step_grads = {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
+
+
+def test_gradient_accumulation_equals_the_larger_batch_with_unequal_response_lengths(tiny_model, tokenizer, tmp_path):
+    from lightning_align.data.collate import pad_collate
+
+    rows = [("sort: 9\n", "9"), ("reverse: abcdefghij\n", "jihgfedcba"), ("add: 1+1\n", "2"), ("sort: 4321\n", "1234")]
+    examples = []
+    for prompt, completion in rows:
+        ids = tokenizer(prompt).input_ids
+        reply = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        examples.append({"input_ids": ids + reply, "labels": [-100] * len(ids) + reply})
+    pad = tokenizer.pad_token_id
+    micro = [pad_collate(examples[:2], pad), pad_collate(examples[2:], pad)]  # 1 + 10 vs 1 + 4 scored tokens
+    whole = [pad_collate(examples, pad)]
+
+    def first_step_grads(batches, accumulate):
+        module = GradientRecordingSFT(tiny_model, learning_rate=1e-3)
+        loader = torch.utils.data.DataLoader(batches, batch_size=None)
+        trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate).fit(module, train_dataloaders=loader)
+        return module.first_step_grads
+
+    accumulated, together = first_step_grads(micro, 2), first_step_grads(whole, 1)
+    assert accumulated.keys() == together.keys() and len(together) > 10
+    for name, grad in together.items():
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    # A per-micro-batch mean would weigh the two micro-batches' tokens unequally: measurably different gradients.
+    module = SFTModule(tiny_model)
+    module.configure_model()
+    per_batch_mean = sum(module.loss(b) for b in micro) / 2
+    per_batch_mean.backward()
+    name = next(iter(together))
+    naive = dict(module.named_parameters())[name].grad
+    assert not torch.allclose(naive, together[name], rtol=1e-3)
