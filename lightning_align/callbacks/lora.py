@@ -154,11 +154,29 @@ class LoRA(L.Callback, ModelAdapter):
     def adapter_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.save_dir) if self.save_dir else Path(trainer.default_root_dir) / "adapter"
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Checkpoints leave out the frozen base (rebuilt from the model folder on resume); see on_load_checkpoint.
+        pl_module.strict_loading = False
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        # The trained weights are in the checkpoint's state dict; the peft config lets a reader rebuild the model.
+        # Only what training changes: the adapter, trained heads, metric states; not the frozen (maybe 4-bit) base.
+        frozen = {name for name, p in pl_module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k in frozen or k.rpartition(".weight.")[0] + ".weight" in frozen]:
+            del state[key]
+        # The peft config lets a reader rebuild the model around the trained weights.
         checkpoint["adapter_config"] = plain_data(pl_module.model.peft_config["default"].to_dict())
         if trainer.is_global_zero:
             pl_module.save_pretrained(self.adapter_dir(trainer) / f"step-{trainer.global_step}")
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        trained = [name for name, p in pl_module.named_parameters() if p.requires_grad]
+        missing = [name for name in trained if name not in checkpoint["state_dict"]]
+        if missing:  # loading is not strict (the base is left out), so check what must be there
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} trained weights of this {type(self).__name__} run (first: "
+                f"{missing[0]}); was it written with another adapter configuration?"
+            )
 
     def on_train_end(self, trainer, pl_module) -> None:
         path = self.adapter_dir(trainer)

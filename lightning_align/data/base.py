@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lightning_align.data.formats import chat_template_check
+from lightning_align.data.resume import EpochPermutation, ResumableLoader
 from lightning_align.data.sources import DataError, DataSource, Row, read_rows
 from lightning_align.data.tokenize import adds_bos
 
@@ -114,7 +115,35 @@ class AlignDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self.train_set, shuffle=True)
+        return ResumableLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=EpochPermutation(len(self.train_set), self.seed, self.current_epoch),
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            skip=self.batches_to_skip,
+        )
+
+    # ----- exact resume: where in the epoch a checkpoint was taken -----------------------------------------------
+    def current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def state_dict(self) -> dict:
+        if self.trainer is None or not self.trainer.training:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_from = state or None
+
+    def batches_to_skip(self) -> int:
+        """Batches of this epoch trained on before the checkpoint being resumed from (once, then 0)."""
+        resume, self.resume_from = getattr(self, "resume_from", None), None
+        if resume is None or resume["epoch"] != self.current_epoch():
+            return 0
+        return resume["batches_done"]
 
     def val_dataloader(self) -> DataLoader | list:
         return self.loader(self.val_set, shuffle=False) if self.val_set else []

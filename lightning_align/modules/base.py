@@ -147,8 +147,27 @@ class AlignModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    # ----- exact resume: the random state the next batch starts from (dropout, PPO's sampling) --------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.rng_to_restore = checkpoint.get("rng")
+
+    def restore_rng(self) -> None:
+        # Applied at the first batch after a resume: set-up in between draws from the RNG in ways a run that was
+        # never interrupted does not.
+        rng, self.rng_to_restore = getattr(self, "rng_to_restore", None), None
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
     # ----- throughput --------------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx) -> None:
+        self.restore_rng()
         self.batch_started_at = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

@@ -316,7 +316,9 @@ class PPOModule(AlignModule):
 
     # ----- resume ------------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["kl_coef"] = self.kl_controller.value
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.kl_controller.value = checkpoint.get("kl_coef", self.kl_controller.value)

@@ -1,0 +1,44 @@
+"""Training order that survives a checkpoint: a seeded permutation per epoch, and on resume the epoch continues
+after the batches already trained on, so a resumed run sees what an uninterrupted one would have."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+class EpochPermutation(Sampler[int]):
+    """A permutation of `range(n)` drawn from `seed` and the trainer's current epoch (read through `epoch`), so
+    the order of any epoch can be drawn again after a restart. Under DDP Lightning shards it across processes."""
+
+    def __init__(self, n: int, seed: int, epoch: Callable[[], int]):
+        self.n, self.seed, self.epoch = n, seed, epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch())
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that skips `skip()` batches at the start of an iteration: the batches of the current epoch
+    trained on before the checkpoint a run resumes from (the data module remembers them in its checkpoint state).
+
+    Its own seeded generator keeps iterator creation from drawing on the global RNG, which a resumed run would
+    draw from at another moment than an uninterrupted one.
+    """
+
+    def __init__(self, *args, skip: Callable[[], int] | None = None, **kwargs):
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+        super().__init__(*args, **kwargs)
+        self.skip = skip
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        for _ in range(self.skip() if self.skip is not None else 0):
+            next(iterator, None)  # collated and dropped: cheap next to a training step
+        return iterator
