@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 
@@ -29,6 +29,9 @@ class ModelAdapter:
 
     def merged_copy(self, model: nn.Module, module: AlignModule) -> nn.Module:
         return model
+
+
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 def load_pretrained(name_or_path: str, auto_class: type, **kwargs) -> nn.Module:
@@ -58,6 +61,9 @@ class AlignModule(L.LightningModule):
         warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to `learning_rate * min_lr_ratio`.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         torch_dtype: dtype to load the weights in ("float32", "bfloat16"); by default the checkpoint's.
+        nonfinite: what a non-finite loss or gradient does: "stop" the run with a message naming the step and
+            batch (the checkpoints written before stay as they are), or "skip" the update and count it
+            (`train/skipped_steps`).
     """
 
     auto_class_name = "AutoModelForCausalLM"
@@ -73,7 +79,10 @@ class AlignModule(L.LightningModule):
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool = False,
         torch_dtype: str | None = None,
+        nonfinite: str = "stop",
     ):
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"unknown nonfinite policy {nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")
         super().__init__()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else [])
         self.model_name_or_path = model if isinstance(model, str) else None
@@ -85,6 +94,8 @@ class AlignModule(L.LightningModule):
         self.min_lr_ratio = min_lr_ratio
         self.gradient_checkpointing = gradient_checkpointing
         self.torch_dtype = torch_dtype
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
         self.model_ready = False
         self.batch_started_at: float | None = None
 
@@ -146,6 +157,39 @@ class AlignModule(L.LightningModule):
             optimizer, lambda step: cosine_with_warmup(step, self.warmup_steps, total, self.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ----- non-finite losses and gradients ------------------------------------------------------------------------
+    def finite_or_none(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+        """The loss, or None (Lightning then skips the batch) when it is not finite and the policy is "skip"."""
+        if torch.isfinite(loss).all():
+            return loss
+        self.nonfinite_found(f"loss is {loss.detach().float().flatten()[0].item()}", batch_idx)
+        return None
+
+    def gradients_finite(self, batch_idx: int | None = None) -> bool:
+        """False (after dropping the gradients, so the optimiser leaves every weight alone) when a gradient is not
+        finite and the policy is "skip"."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if all(torch.isfinite(g).all() for g in grads):
+            return True
+        self.nonfinite_found("a gradient is not finite", batch_idx)
+        for p in self.parameters():
+            p.grad = None
+        return False
+
+    def nonfinite_found(self, what: str, batch_idx: int | None) -> None:
+        where = f"step {self.global_step}" + (f", batch {batch_idx}" if batch_idx is not None else "")
+        if self.nonfinite == "stop":
+            raise FloatingPointError(
+                f"{type(self).__name__}: {what} at {where}; stopping (checkpoints written before are kept). "
+                "Pass nonfinite='skip' to skip such updates instead"
+            )
+        self.skipped_steps += 1
+        rank_zero_warn(f"{type(self).__name__}: {what} at {where}; update skipped ({self.skipped_steps} so far)")
+        self.log("train/skipped_steps", float(self.skipped_steps))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.gradients_finite(getattr(self.trainer.fit_loop.epoch_loop, "batch_idx", None))
 
     # ----- exact resume: the random state the next batch starts from (dropout, PPO's sampling) --------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -202,7 +202,7 @@ class DPOModule(AlignModule):
         batch_size = len(metrics["rewards/chosen"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict({name: values.mean() for name, values in metrics.items()}, batch_size=batch_size)
-        return loss
+        return self.finite_or_none(loss, batch_idx)
 
     def validation_step(self, batch, batch_idx):
         for name, values in self.preference_step(batch).items():

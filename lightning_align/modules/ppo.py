@@ -267,7 +267,12 @@ class PPOModule(AlignModule):
                     values, rollout["values"][index], rollout["returns"][index], mask, self.value_clip_eps
                 )
                 optimizer.zero_grad()
-                self.manual_backward(policy_loss + self.vf_coef * value_loss)
+                loss = self.finite_or_none(policy_loss + self.vf_coef * value_loss, None)
+                if loss is None:
+                    continue
+                self.manual_backward(loss)
+                if not self.gradients_finite():
+                    continue
                 if self.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()  # Lightning counts these: max_steps is in optimiser steps

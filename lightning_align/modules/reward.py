@@ -46,7 +46,7 @@ class RewardModule(AlignModule):
         loss = pairwise_reward_loss(chosen, rejected, batch.get("margin"))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(chosen))
         self.log("train/accuracy", (chosen > rejected).float().mean(), batch_size=len(chosen))
-        return loss
+        return self.finite_or_none(loss, batch_idx)
 
     def on_validation_epoch_start(self) -> None:
         for metric in (self.val_loss, self.val_accuracy, self.val_margin):

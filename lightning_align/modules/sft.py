@@ -46,6 +46,9 @@ class SFTModule(AlignModule):
         self.log("train/loss", summed.detach() * self.GRADIENT_SCALE_TOKENS / scored, prog_bar=True)
         # Lightning divides the returned loss by accumulate_grad_batches; undo that, the rescale below replaces it.
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        if self.finite_or_none(summed, batch_idx) is None:
+            self.step_tokens -= scored
+            return None
         return summed * accumulate
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -57,6 +60,7 @@ class SFTModule(AlignModule):
                 if p.grad is not None:
                     p.grad.mul_(scale.to(p.grad.dtype))
         self.step_tokens = 0
+        super().on_before_optimizer_step(optimizer)
 
     def on_validation_epoch_start(self) -> None:
         # Reset here, inside the loop's own grad mode: states made under inference mode cannot be updated outside.
