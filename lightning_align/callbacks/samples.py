@@ -82,6 +82,7 @@ class GenerationSamples(L.Callback):
         completions = generate_completions(pl_module.model, pl_module.tokenizer, self.prompts, self.max_new_tokens)
         scorer = self.scorer(pl_module)
         scores = scorer(self.prompts, completions) if scorer is not None else [None] * len(completions)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: every process asks
         if not trainer.is_global_zero:
             return
         step = trainer.global_step
@@ -93,7 +94,6 @@ class GenerationSamples(L.Callback):
         if wandb_loggers:
             wandb_loggers[0].log_table(key="samples", columns=columns, data=rows, step=step)
             return
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         self.csv_path = folder / "samples.csv"
         new = not self.csv_path.exists()

@@ -118,7 +118,7 @@ class AlignDataModule(L.LightningDataModule):
         return ResumableLoader(
             self.train_set,
             batch_size=self.batch_size,
-            sampler=EpochPermutation(len(self.train_set), self.seed, self.current_epoch),
+            sampler=EpochPermutation(len(self.train_set), self.seed, self.current_epoch, *self.rank_and_world()),
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -126,6 +126,11 @@ class AlignDataModule(L.LightningDataModule):
         )
 
     # ----- exact resume: where in the epoch a checkpoint was taken -----------------------------------------------
+    def rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
     def current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 

@@ -3,25 +3,38 @@ after the batches already trained on, so a resumed run sees what an uninterrupte
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
-class EpochPermutation(Sampler[int]):
+class EpochPermutation(DistributedSampler):
     """A permutation of `range(n)` drawn from `seed` and the trainer's current epoch (read through `epoch`), so
-    the order of any epoch can be drawn again after a restart. Under DDP Lightning shards it across processes."""
+    the order of any epoch can be drawn again after a restart; process `rank` of `world_size` takes every
+    `world_size`-th index from its rank on (the permutation padded by its start to a multiple of `world_size`).
 
-    def __init__(self, n: int, seed: int, epoch: Callable[[], int]):
+    One process with batch B and W processes with batch B / W thus train on the same examples at every step.
+    Being a `DistributedSampler`, Lightning uses it as it is instead of putting its own in its place.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: Callable[[], int], rank: int = 0, world_size: int = 1):
         self.n, self.seed, self.epoch = n, seed, epoch
+        self.rank, self.world_size = rank, world_size
+        self.num_samples = math.ceil(n / world_size)
 
     def __len__(self) -> int:
-        return self.n
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # the epoch is read from the trainer, which also knows it after a resume
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch())
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+        order = torch.randperm(self.n, generator=generator).tolist()
+        order += order[: self.num_samples * self.world_size - self.n]
+        return iter(order[self.rank :: self.world_size])
 
 
 class ResumableLoader(DataLoader):
