@@ -105,3 +105,30 @@ def test_config_errors_end_with_a_clear_message_not_a_traceback(demo_home, tmp_p
     assert done.returncode != 0
     assert message in done.stderr
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+GPU_CONFIGS = sorted((Path(__file__).parents[1] / "examples" / "configs" / "gpu").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=[c.stem for c in GPU_CONFIGS])
+def test_gpu_configs_parse_and_build_on_cpu(config, demo_home, monkeypatch):
+    """FSDP, DeepSpeed and CUDA QLoRA configs: parsed and validated by the CLI, module, data and callbacks built
+    (the Trainer itself needs the GPUs)."""
+    from lightning_align.cli import AlignCLI
+
+    built = {}
+
+    class BuildOnly(AlignCLI):
+        def instantiate_trainer(self, **kwargs):
+            config_init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            built["callbacks"] = config_init["trainer"]["callbacks"]
+            built["strategy"] = config_init["trainer"]["strategy"]
+            return None
+
+    cli = BuildOnly(["--config", str(config)], run=False)  # run=False: no subcommand
+    assert type(cli.model).__name__ in ("SFTModule", "DPOModule") and cli.datamodule.tokenizer is not None
+    assert any(type(c).__name__ == "ExportPretrained" for c in built["callbacks"])
+    strategy = built["strategy"]
+    expected = {"fsdp": "FSDPStrategy", "deepspeed": "deepspeed_stage", "cuda": "auto"}
+    key = next(k for k in expected if k in config.stem)
+    assert expected[key] in (strategy if isinstance(strategy, str) else type(strategy).__name__)

@@ -145,8 +145,9 @@ class PPOModule(AlignModule):
     def ensure_reward(self) -> None:
         if self.reward_fn is None:
             self.reward_fn, self.reward_name = resolve_reward(self.reward_source)
-            if hasattr(self.reward_fn, "to"):
-                self.reward_fn.to(self.device)
+            if hasattr(self.reward_fn, "to"):  # a reward model: on the policy's device, in its floating dtype
+                param = next(self.model.parameters())
+                self.reward_fn.to(self.device, param.dtype if param.is_floating_point() else None)
 
     # ----- per-token quantities ----------------------------------------------------------------------------------
     def response_forward(self, model: nn.Module, sequences, attention_mask, prompt_length: int, with_values: bool):

@@ -26,8 +26,8 @@ class RewardModelScorer:
         self.module.configure_model()
         self.module.model.eval().requires_grad_(False)
 
-    def to(self, device: torch.device) -> None:
-        self.module.model.to(device)
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        self.module.model.to(device=device, dtype=dtype)
 
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
         return self.module.score(prompts, completions).tolist()

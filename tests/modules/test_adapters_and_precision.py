@@ -1,17 +1,28 @@
-"""Reward, DPO and PPO modules run unchanged with no adapter, LoRA and QLoRA, in 32-true and bf16-mixed."""
+"""Every module runs unchanged with no adapter, LoRA and QLoRA, in 32-true, bf16-mixed and bf16-true."""
 
 import math
 
 import pytest
 import torch
 
-from lightning_align import DPOModule, LoRA, PPOModule, PreferenceDataModule, PromptDataModule, QLoRA, RewardModule
+from lightning_align import (
+    DPOModule,
+    LoRA,
+    PPOModule,
+    PreferenceDataModule,
+    PromptDataModule,
+    QLoRA,
+    RewardModule,
+    SFTDataModule,
+    SFTModule,
+)
 from tests.conftest import trainer
 
+PRECISIONS = ["32-true", "bf16-mixed", "bf16-true"]
 ADAPTERS = {"none": lambda: [], "lora": lambda: [LoRA(r=4)], "qlora": lambda: [QLoRA(r=4)]}
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("adapter", list(ADAPTERS))
 @pytest.mark.parametrize("module_class", [RewardModule, DPOModule])
 def test_preference_modules_train_with_every_adapter_and_precision(
@@ -29,7 +40,7 @@ def test_preference_modules_train_with_every_adapter_and_precision(
         assert module.reference.kind == expected
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("adapter", list(ADAPTERS))
 def test_ppo_trains_with_every_adapter_and_precision(tiny_model, task_files, tmp_path, adapter, precision):
     dm = PromptDataModule(tiny_model, task_files["prompts_train"], batch_size=4)
@@ -40,3 +51,33 @@ def test_ppo_trains_with_every_adapter_and_precision(tiny_model, task_files, tmp
         assert math.isfinite(fit.callback_metrics[name].item()), name
     expected = "frozen copy of the starting policy" if adapter == "none" else "adapter-disabled base"
     assert module.reference.kind == expected
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
+def test_sft_trains_with_every_adapter_and_precision(tiny_model, task_files, tmp_path, adapter, precision):
+    dm = SFTDataModule(tiny_model, task_files["sft_train"], batch_size=4, max_length=64)
+    module = SFTModule(tiny_model, learning_rate=1e-3)
+    fit = trainer(tmp_path, max_steps=3, callbacks=ADAPTERS[adapter](), precision=precision)
+    fit.fit(module, datamodule=dm)
+    assert math.isfinite(fit.callback_metrics["train/loss"].item())
+    assert all(torch.isfinite(p).all() for p in module.parameters() if p.requires_grad)
+
+
+def test_frozen_reference_and_reward_model_follow_the_policy_into_bf16_true(sft_model, task_files, tmp_path):
+    from lightning_align import RewardModule as Reward
+
+    reward_model = Reward(sft_model)
+    reward_model.configure_model()
+    folder = str(reward_model.save_pretrained(tmp_path / "rm"))
+    dpo = DPOModule(sft_model)
+    trainer(tmp_path, max_steps=1, precision="bf16-true").fit(
+        dpo, datamodule=PreferenceDataModule(sft_model, task_files["preference_train"], batch_size=4, max_length=64)
+    )
+    assert next(dpo.model.parameters()).dtype == torch.bfloat16
+    assert next(dpo.reference.network.parameters()).dtype == torch.bfloat16
+    ppo = PPOModule(sft_model, reward=folder, max_new_tokens=4, minibatch_size=4)
+    trainer(tmp_path, max_steps=1, precision="bf16-true").fit(
+        ppo, datamodule=PromptDataModule(sft_model, task_files["prompts_train"], batch_size=4)
+    )
+    assert next(ppo.reward_fn.module.model.parameters()).dtype == torch.bfloat16
