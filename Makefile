@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch is pinned first, so no dependency pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint clean
+.PHONY: demo test bench lint clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,15 @@ $(VENV)/.demo: $(VENV)/.base
 demo: $(VENV)/.demo
 	$(PY) examples/demo.py
 
+$(VENV)/.bench: $(VENV)/.base
+	$(PY) -m pip install --quiet -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.bench
+	$(PY) -m benchmarks.compare --all
+
 test: $(VENV)/.dev
-	$(PY) -m ruff check lightning_align tests examples
+	$(PY) -m ruff check lightning_align tests examples benchmarks
 	$(PY) -m pytest -q
 
 clean:

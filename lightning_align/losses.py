@@ -48,6 +48,30 @@ def sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, num_score
     return -logps.sum() / torch.as_tensor(normaliser, dtype=logps.dtype, device=logps.device).clamp(min=1)
 
 
+def predicting_positions(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Boolean [batch, seq]: positions whose next token is scored (position t predicts label t+1). Only there are
+    logits needed for a completion-only loss."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != ignore_index
+    return keep
+
+
+def sft_loss_at(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100, num_scored_tokens: Tensor | int | None = None
+):
+    """`sft_loss` from the logits of the predicting positions only: -sum_i log softmax(z_i)[y_i] / N.
+
+    logits: [K, vocab] at `predicting_positions(labels)` in row-major order (what Hugging Face models return for
+    a boolean `logits_to_keep`), so the [batch, seq, vocab] logits are never made; y: the K scored labels.
+    """
+    targets = labels[:, 1:][labels[:, 1:] != ignore_index]
+    logits = logits.reshape(-1, logits.shape[-1])
+    logps = torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
+    total = -logps.gather(-1, targets.unsqueeze(-1)).sum()
+    normaliser = targets.numel() if num_scored_tokens is None else num_scored_tokens
+    return total / torch.as_tensor(normaliser, dtype=total.dtype, device=total.device).clamp(min=1)
+
+
 def pairwise_reward_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None) -> Tensor:
     """Bradley-Terry loss, mean of -log sigmoid(r+ - r- - m)  (Ouyang et al. 2022, eq. 1; margin as in Llama 2).
 

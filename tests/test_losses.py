@@ -158,3 +158,30 @@ def test_simpo_loss_matches_naive_formula_with_gradients(gamma):
     ref_grads = torch.autograd.grad(ref.sum(), (chosen, rejected))
     for g_ours, g_ref in zip(grads, ref_grads):
         torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_sft_loss_at_the_predicting_positions_equals_the_full_sft_loss_with_gradients():
+    from lightning_align.losses import predicting_positions, sft_loss_at
+
+    torch.manual_seed(3)
+    logits = torch.randn(3, 7, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[0, :4] = -100
+    labels[1, :2] = -100
+    labels[1, 5:] = -100
+    labels[2, :6] = -100
+    keep = predicting_positions(labels)
+    kept = logits[keep]  # [K, vocab], row-major, as a model returns for a boolean logits_to_keep
+    ours = sft_loss_at(kept, labels)
+    total, count = 0.0, 0
+    for b in range(3):  # explicit loop: position t predicts label t + 1
+        for t in range(6):
+            if labels[b, t + 1] != -100:
+                total = total - torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]]
+                count += 1
+    naive = total / count
+    torch.testing.assert_close(ours, naive)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    (g_naive,) = torch.autograd.grad(naive, logits)
+    torch.testing.assert_close(g_ours, g_naive)
+    torch.testing.assert_close(ours, sft_loss(logits, labels))

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torchmetrics import SumMetric
 
-from lightning_align.losses import sft_loss, token_logps
-from lightning_align.modules.base import AlignModule, causal_lm_logits
+from lightning_align.losses import predicting_positions, sft_loss, sft_loss_at, token_logps
+from lightning_align.modules.base import MODEL_INPUTS, AlignModule, causal_lm_logits
+
+
+def accepts_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 class SFTModule(AlignModule):
@@ -32,6 +39,16 @@ class SFTModule(AlignModule):
     def loss(self, batch: dict) -> torch.Tensor:
         return sft_loss(causal_lm_logits(self.model, batch), batch["labels"])
 
+    def scored_loss(self, batch: dict, num_scored_tokens=None) -> torch.Tensor:
+        """`sft_loss`, with the output layer applied at the scored positions only when the model allows it
+        (Hugging Face's `logits_to_keep`): prompt positions never reach the [vocab]-wide logits."""
+        if not accepts_logits_to_keep(self.model):
+            return sft_loss(causal_lm_logits(self.model, batch), batch["labels"], num_scored_tokens=num_scored_tokens)
+        keep = predicting_positions(batch["labels"])
+        inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+        logits = self.model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        return sft_loss_at(logits, batch["labels"], num_scored_tokens=num_scored_tokens)
+
     def training_step(self, batch, batch_idx):
         scored = int((batch["labels"][:, 1:] != -100).sum())  # the first position is never predicted
         if scored == 0:
@@ -40,9 +57,7 @@ class SFTModule(AlignModule):
                 "check the labels, or the data module's train_on_prompt and truncation settings"
             )
         self.step_tokens += scored
-        summed = sft_loss(
-            causal_lm_logits(self.model, batch), batch["labels"], num_scored_tokens=self.GRADIENT_SCALE_TOKENS
-        )
+        summed = self.scored_loss(batch, num_scored_tokens=self.GRADIENT_SCALE_TOKENS)
         self.log("train/loss", summed.detach() * self.GRADIENT_SCALE_TOKENS / scored, prog_bar=True)
         # Lightning divides the returned loss by accumulate_grad_batches; undo that, the rescale below replaces it.
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1

@@ -169,3 +169,21 @@ def test_gradient_accumulation_equals_the_larger_batch_with_unequal_response_len
     name = next(iter(together))
     naive = dict(module.named_parameters())[name].grad
     assert not torch.allclose(naive, together[name], rtol=1e-3)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_loss_from_scored_positions_only_equals_the_full_logits_loss(tiny_model, plain_task_files, packing):
+    dm = SFTDataModule(tiny_model, plain_task_files["sft_train"], batch_size=6, max_length=64, packing=packing)
+    dm.setup("fit")
+    batch = dm.collate(dm.train_set[:6])
+    module = SFTModule(tiny_model)
+    module.configure_model()
+    fast = module.scored_loss(batch)
+    fast.backward()
+    fast_grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    plain = module.loss(batch)
+    plain.backward()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    for a, p in zip(fast_grads, module.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
