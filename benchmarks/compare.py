@@ -11,8 +11,12 @@ for a word-level tokenizer whose every word is one token, so both frameworks see
 
 Figures: real (non-padding) training tokens per second over the timed steps (after warm-up steps), peak resident
 memory, and model FLOPs utilisation = achieved model FLOP/s over the fp32 matmul peak measured at start.
-Model FLOPs per real token: 6 N for a training pass (forward + backward) and 2 N for each extra forward (the DPO
-reference), N the parameter count; attention's quadratic term is left out (small at these lengths).
+Model FLOPs of a step: 6 N_body T + 6 N_head S for a training pass (forward + backward) and 2 N_body T + 2 N_head S
+for each extra forward (the DPO reference), with T the real tokens, S the scored tokens (where a loss needs the
+output layer: response tokens for SFT and DPO, none for the reward model, whose head is a scalar), N_body the
+parameters of the transformer blocks and N_head those of the output layer (embeddings are lookups). Work beyond
+this (logits of prompt positions, padding) is not model work and does not count. Attention's quadratic term is
+left out (small at these lengths).
 """
 
 from __future__ import annotations
@@ -91,17 +95,19 @@ def build_fixture(folder: Path) -> Path:
     return folder
 
 
-def real_tokens(folder: Path, method: str) -> list[int]:
-    """Real tokens of each row as both frameworks feed them (prompt + response(s) + EOS, cut to MAX_LENGTH)."""
+def row_tokens(folder: Path, method: str) -> tuple[float, float]:
+    """(real, scored) tokens per row on average, as both frameworks feed them: prompt + response(s) + EOS, the
+    prompt cut from the left first when longer than MAX_LENGTH."""
     rows = [json.loads(line) for line in open(folder / "rows.jsonl")]
     count = lambda text: len(text.split())  # noqa: E731  (one word, one token)
-    out = []
+    sides = ("completion",) if method == "sft" else ("chosen", "rejected")
+    real = scored = 0
     for r in rows:
-        if method == "sft":
-            out.append(min(MAX_LENGTH, count(r["prompt"]) + count(r["completion"]) + 1))
-        else:
-            out.append(sum(min(MAX_LENGTH, count(r["prompt"]) + count(r[s]) + 1) for s in ("chosen", "rejected")))
-    return out
+        for side in sides:
+            response = min(MAX_LENGTH, count(r[side]) + 1)
+            real += min(MAX_LENGTH, count(r["prompt"]) + response)
+            scored += response if method != "reward" else 0
+    return real / len(rows), scored / len(rows)
 
 
 def matmul_peak_flops(seconds: float = 2.0, n: int = 2048) -> float:
@@ -247,13 +253,17 @@ def child(framework: str, method: str, peft: str) -> dict:
 
     torch.set_num_threads(2)
     folder = build_fixture(ROOT / ".fixture")
-    seconds, params = (run_ours if framework == "ours" else run_trl)(folder, method, peft)
+    seconds, _ = (run_ours if framework == "ours" else run_trl)(folder, method, peft)
     # Rows are drawn in an order of each framework's own; the timed steps see TIMED_STEPS batches of the average.
-    tokens_per_step = BATCH * sum(real_tokens(folder, method)) / ROWS
+    real, scored = row_tokens(folder, method)
+    body = LAYERS * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * 4 * HIDDEN)
+    head = VOCAB * HIDDEN if method != "reward" else HIDDEN
+    passes = 6 + (2 if method == "dpo" else 0)  # DPO: the reference's forward (adapter-disabled or frozen copy)
+    step_flops = BATCH * passes * (body * real + head * scored)
     return {
-        "tokens_per_sec": TIMED_STEPS * tokens_per_step / seconds,
+        "tokens_per_sec": TIMED_STEPS * BATCH * real / seconds,
+        "model_flops_per_sec": TIMED_STEPS * step_flops / seconds,
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "params": params,
     }
 
 
@@ -269,11 +279,8 @@ def compare(method: str, peft: str, peak: float) -> dict:
         if done.returncode != 0:
             raise RuntimeError(f"{framework} {method} {peft} failed:\n{done.stderr[-3000:]}")
         results[framework] = json.loads(done.stdout.strip().splitlines()[-1])
-    flops_per_token = (
-        6 + (2 if method == "dpo" and peft == "none" else 0) + (2 if method == "dpo" and peft == "lora" else 0)
-    )
     for r in results.values():
-        r["mfu"] = flops_per_token * r["params"] * r["tokens_per_sec"] / peak
+        r["mfu"] = r["model_flops_per_sec"] / peak
     ours, theirs = results["ours"], results["trl"]
     return {
         "method": method,

@@ -27,7 +27,7 @@ from lightning_align import (
 )
 from lightning_align.demos.assets import DEMO_MODEL
 
-CASES = ["sft", "sft-lora", "reward", "dpo", "dpo-lora", "ppo-lora"]
+CASES = ["sft", "sft-lora", "reward", "dpo", "dpo-lora", "dpo-precomputed", "ppo-lora"]
 
 
 def case(name: str, per_device: int):
@@ -42,7 +42,8 @@ def case(name: str, per_device: int):
         module = (
             RewardModule(DEMO_MODEL, learning_rate=1e-3)
             if method == "reward"
-            else DPOModule(DEMO_MODEL, learning_rate=1e-3)
+            # precomputed: each process scores its share of the rows and all share the results
+            else DPOModule(DEMO_MODEL, learning_rate=1e-3, precompute_ref_logps=name.endswith("precomputed"))
         )
         return module, dm, "val/accuracy" if method == "reward" else "val/rewards/margins"
     dm = PromptDataModule(DEMO_MODEL, "demo:prompts_train", "demo:prompts_val", batch_size=per_device)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
-CASES = ["sft", "sft-lora", "reward", "dpo", "dpo-lora", "ppo-lora"]
+CASES = ["sft", "sft-lora", "reward", "dpo", "dpo-lora", "dpo-precomputed", "ppo-lora"]
 
 
 @pytest.fixture(scope="module")
