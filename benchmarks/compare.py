@@ -340,8 +340,15 @@ def main() -> None:
         print(table(rows[-1:], peak).splitlines()[-1], flush=True)
     text = table(rows, peak)
     print("\n" + text)
+    results = ROOT / "RESULTS.md"
     if args.all:
-        (ROOT / "RESULTS.md").write_text("# Benchmark results\n\n" + text + "\n")
+        results.write_text("# Benchmark results\n\n" + text + "\n")
+    elif results.exists():  # one combination re-measured: its row is replaced and the header says when
+        lines = results.read_text().splitlines()
+        key = f"| {args.method} | {args.peft} |"
+        lines = [text.splitlines()[-1] if line.startswith(key) else line for line in lines]
+        lines.insert(3, f"Row {args.method} / {args.peft} re-measured on {date.today()} (`--method --peft`).")
+        results.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

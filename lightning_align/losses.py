@@ -72,6 +72,19 @@ def sft_loss_at(
     return total / torch.as_tensor(normaliser, dtype=total.dtype, device=total.device).clamp(min=1)
 
 
+def sequence_logps_at(logits: Tensor, labels: Tensor, ignore_index: int = -100, average: bool = False) -> Tensor:
+    """`sequence_logps` from the logits of the predicting positions only (see `sft_loss_at`): per row b,
+    sum_i [row(i) = b] log softmax(z_i)[y_i], or that sum over the row's scored-token count with `average`."""
+    scored = labels[:, 1:] != ignore_index
+    targets = labels[:, 1:][scored]
+    rows = scored.nonzero()[:, 0]
+    logits = logits.reshape(-1, logits.shape[-1])
+    logps = torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
+    picked = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    sums = torch.zeros(labels.shape[0], dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
+    return sums / scored.sum(-1).clamp(min=1) if average else sums
+
+
 def pairwise_reward_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None) -> Tensor:
     """Bradley-Terry loss, mean of -log sigmoid(r+ - r- - m)  (Ouyang et al. 2022, eq. 1; margin as in Llama 2).
 

@@ -185,3 +185,26 @@ def test_sft_loss_at_the_predicting_positions_equals_the_full_sft_loss_with_grad
     (g_naive,) = torch.autograd.grad(naive, logits)
     torch.testing.assert_close(g_ours, g_naive)
     torch.testing.assert_close(ours, sft_loss(logits, labels))
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logps_at_the_predicting_positions_equals_sequence_logps_with_gradients(average):
+    from lightning_align.losses import predicting_positions, sequence_logps_at
+
+    torch.manual_seed(4)
+    logits = torch.randn(4, 6, 9, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 9, (4, 6))
+    labels[:, :2] = -100
+    labels[1, 4:] = -100
+    labels[3, :5] = -100
+    ours = sequence_logps_at(logits[predicting_positions(labels)], labels, average=average)
+    naive = []
+    for b in range(4):  # explicit loop over the scored tokens of each row
+        terms = [torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]] for t in range(5) if labels[b, t + 1] != -100]
+        naive.append(sum(terms) / (len(terms) if average else 1))
+    naive = torch.stack(naive)
+    torch.testing.assert_close(ours, naive)
+    torch.testing.assert_close(ours, sequence_logps(logits, labels, average=average))
+    (g_ours,) = torch.autograd.grad(ours.sum(), logits)
+    (g_naive,) = torch.autograd.grad(naive.sum(), logits)
+    torch.testing.assert_close(g_ours, g_naive)

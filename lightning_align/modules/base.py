@@ -3,6 +3,7 @@ throughput logging and export in Hugging Face format."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from functools import cached_property
@@ -247,6 +248,12 @@ def causal_lm_logits(model, batch: dict) -> torch.Tensor:
     # No KV cache in training: it is unused, and packed rows are recognised only without one.
     inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
     return model(**inputs, use_cache=False).logits
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the model can apply its output layer at chosen positions only (Hugging Face's `logits_to_keep`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def real_tokens(batch: dict) -> int:

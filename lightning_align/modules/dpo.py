@@ -7,8 +7,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lightning_align.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps, simpo_loss, token_logps
-from lightning_align.modules.base import AlignModule, causal_lm_logits
+from lightning_align.losses import (
+    DPO_LOSS_TYPES,
+    dpo_loss,
+    predicting_positions,
+    sequence_logps,
+    sequence_logps_at,
+    simpo_loss,
+)
+from lightning_align.modules.base import MODEL_INPUTS, AlignModule, accepts_logits_to_keep, causal_lm_logits
 from lightning_align.modules.ref_cache import (
     RefLogpsCache,
     examples_fingerprint,
@@ -31,8 +38,17 @@ PREFERENCE_METRICS = (
 
 def chosen_rejected_logps(model: nn.Module, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs of the chosen and rejected halves of a preference batch, from one forward pass."""
-    logps = sequence_logps(causal_lm_logits(model, batch), batch["labels"], average=average)
-    return logps.chunk(2)
+    return response_logps(model, batch, average).chunk(2)
+
+
+def response_logps(model: nn.Module, batch: dict, average: bool = False) -> torch.Tensor:
+    """Per-row sequence log-probs, with the output layer applied at the scored positions only when the model
+    allows it (Hugging Face's `logits_to_keep`): prompt positions never reach the [vocab]-wide logits."""
+    if not accepts_logits_to_keep(model):
+        return sequence_logps(causal_lm_logits(model, batch), batch["labels"], average=average)
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    logits = model(**inputs, use_cache=False, logits_to_keep=predicting_positions(batch["labels"])).logits
+    return sequence_logps_at(logits, batch["labels"], average=average)
 
 
 class DPOModule(AlignModule):
@@ -175,8 +191,8 @@ class DPOModule(AlignModule):
 
     def preference_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loss and metrics of a batch, per example."""
-        token_logps_, scored = token_logps(causal_lm_logits(self.model, batch), batch["labels"])
-        sums, means = token_logps_.sum(-1), token_logps_.sum(-1) / scored.sum(-1).clamp(min=1)
+        sums = response_logps(self.model, batch)
+        means = sums / (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
         chosen, rejected = (means if self.reference_free else sums).chunk(2)
         if self.reference_free:
             losses, chosen_rewards, rejected_rewards = simpo_loss(chosen, rejected, self.beta, self.simpo_gamma)

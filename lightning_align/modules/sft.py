@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torchmetrics import SumMetric
 
 from lightning_align.losses import predicting_positions, sft_loss, sft_loss_at, token_logps
-from lightning_align.modules.base import MODEL_INPUTS, AlignModule, causal_lm_logits
-
-
-def accepts_logits_to_keep(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+from lightning_align.modules.base import MODEL_INPUTS, AlignModule, accepts_logits_to_keep, causal_lm_logits
 
 
 class SFTModule(AlignModule):
