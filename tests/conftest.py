@@ -61,6 +61,16 @@ def trainer(tmp_path, **kwargs):
     return L.Trainer(**defaults)
 
 
+def ready(module, callbacks=(), tmp_path=None):
+    """A module set up by a real Trainer (adapters applied, reference placed) without training it."""
+    fit = trainer(tmp_path, max_steps=0, callbacks=list(callbacks))
+    fit.strategy.connect(module)
+    module.trainer = fit
+    module.configure_model()
+    module.on_fit_start()
+    return module
+
+
 @pytest.fixture(scope="session")
 def sft_model(tiny_model, task_files, tmp_path_factory) -> str:
     """The tiny model after SFT on the mixed-style demo data: about 80% of its greedy answers are verbose, and about

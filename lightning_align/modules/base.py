@@ -3,6 +3,7 @@ throughput logging and export in Hugging Face format."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import time
@@ -253,7 +254,13 @@ def causal_lm_logits(model, batch: dict) -> torch.Tensor:
 def accepts_logits_to_keep(model) -> bool:
     """Whether the model can apply its output layer at chosen positions only (Hugging Face's `logits_to_keep`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return forward_takes_logits_to_keep(type(base))
+
+
+@functools.cache
+def forward_takes_logits_to_keep(model_class: type) -> bool:
+    # Asked on every training step: look at the signature once per model class.
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def real_tokens(batch: dict) -> int:

@@ -8,7 +8,7 @@ import torch
 
 from lightning_align import DPOModule, LoRA, PPOModule, PreferenceDataModule, QLoRA, RewardModule, SFTModule
 from lightning_align.modules.dpo import chosen_rejected_logps
-from tests.conftest import trainer
+from tests.conftest import ready, trainer
 
 
 def preference_batch(tiny_model, task_files, n=8):
@@ -25,16 +25,6 @@ def sft_model_logps(tiny_model, adapter, batch):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter).eval()
     with torch.no_grad():
         return chosen_rejected_logps(model, batch)
-
-
-def ready(module, callbacks, tmp_path):
-    """A module set up by a real Trainer (adapters applied, reference placed) without training it."""
-    fit = trainer(tmp_path, max_steps=0, callbacks=list(callbacks))
-    fit.strategy.connect(module)
-    module.trainer = fit
-    module.configure_model()
-    module.on_fit_start()
-    return module
 
 
 @pytest.mark.parametrize("mode, kind", [("continue", "frozen start adapter"), ("merge", "adapter-disabled base")])

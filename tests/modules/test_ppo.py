@@ -5,7 +5,7 @@ import torch
 
 from lightning_align import LoRA, PPOModule, PromptDataModule
 from lightning_align.modules.ppo import AdaptiveKLController, response_mask
-from tests.conftest import trainer
+from tests.conftest import ready, trainer
 
 
 def starts_with_one(prompts, completions):
@@ -16,16 +16,6 @@ def prompts(model_path, task_files, batch_size=8):
     dm = PromptDataModule(model_path, task_files["prompts_train"], task_files["prompts_val"], batch_size=batch_size)
     dm.setup("fit")
     return dm
-
-
-def ready(module, callbacks=(), tmp_path=None):
-    """A module set up by a real Trainer (adapters applied, reference placed) without training it."""
-    fit = trainer(tmp_path, max_steps=0, callbacks=list(callbacks))
-    fit.strategy.connect(module)
-    module.trainer = fit
-    module.configure_model()
-    module.on_fit_start()
-    return module
 
 
 def test_adaptive_kl_controller_moves_beta_toward_the_target():
