@@ -1,22 +1,25 @@
 """Training-step benchmark: lightning-align against TRL on the same model, rows, batch and precision, in one run.
 
-    python -m benchmarks.compare --method dpo --peft lora      # one comparison, printed
+    python -m benchmarks.compare --method dpo --peft lora      # one comparison; its row in RESULTS.md is replaced
     python -m benchmarks.compare --all                          # every comparison, written to RESULTS.md
+    python -m benchmarks.compare --levers                       # our step without each lever, into RESULTS.md
 
 Needs the `bench` extra (`pip install -e .[bench]`, which adds TRL). Each framework runs in a process of its own,
 so its peak resident memory is its own. Model: a Llama-shaped model built from a config (32,000-token vocabulary,
 hidden 256, 4 layers, 4 heads), random init with a fixed seed, fp32 on CPU. Data: synthetic rows whose prompt
 and response lengths follow a skewed distribution (prompts 20-300 tokens, responses 10-400), written as text
-for a word-level tokenizer whose every word is one token, so both frameworks see exactly the same tokens.
+for a word-level tokenizer whose every word is one token, so both frameworks see exactly the same tokens. Every
+row fits the maximum length, so neither framework truncates or drops any.
 
-Figures: real (non-padding) training tokens per second over the timed steps (after warm-up steps), peak resident
-memory, and model FLOPs utilisation = achieved model FLOP/s over the fp32 matmul peak measured at start.
+Figures: the median over the timed steps (after warm-up steps) of real (non-padding) training tokens per second,
+counted from the batches each framework fed its steps; peak resident memory; and model FLOPs utilisation =
+achieved model FLOP/s over the fp32 matmul peak measured at start.
 Model FLOPs of a step: 6 N_body T + 6 N_head S for a training pass (forward + backward) and 2 N_body T + 2 N_head S
 for each extra forward (the DPO reference), with T the real tokens, S the scored tokens (where a loss needs the
 output layer: response tokens for SFT and DPO, none for the reward model, whose head is a scalar), N_body the
 parameters of the transformer blocks and N_head those of the output layer (embeddings are lookups). Work beyond
-this (logits of prompt positions, padding) is not model work and does not count. Attention's quadratic term is
-left out (small at these lengths).
+this (logits of prompt positions, padding) is not model work and does not count. Attention's score and value
+products are left out too, so the figure understates the arithmetic done rather than overstating it.
 """
 
 from __future__ import annotations
@@ -89,25 +92,25 @@ def build_fixture(folder: Path) -> Path:
 
     with open(folder / "rows.jsonl", "w") as f:
         for _ in range(ROWS):
-            row = {"prompt": words(20, 300), "completion": words(10, 400)}
-            row |= {"chosen": row["completion"], "rejected": words(10, 400)}
-            f.write(json.dumps(row) + "\n")
+            prompt, chosen, rejected = words(20, 300), words(10, 400), words(10, 400)
+            # Every row fits MAX_LENGTH (with BOS and EOS): TRL's reward trainer drops longer rows and its DPO
+            # trainer cuts their ends where we cut the prompt's start, so only rows that fit are the same rows.
+            room = MAX_LENGTH - 2 - max(len(chosen.split()), len(rejected.split()))
+            prompt = " ".join(prompt.split()[-room:])
+            f.write(json.dumps({"prompt": prompt, "completion": chosen, "chosen": chosen, "rejected": rejected}))
+            f.write("\n")
     return folder
 
 
-def row_tokens(folder: Path, method: str) -> tuple[float, float]:
-    """(real, scored) tokens per row on average, as both frameworks feed them: prompt + response(s) + EOS, the
-    prompt cut from the left first when longer than MAX_LENGTH."""
-    rows = [json.loads(line) for line in open(folder / "rows.jsonl")]
-    count = lambda text: len(text.split())  # noqa: E731  (one word, one token)
-    sides = ("completion",) if method == "sft" else ("chosen", "rejected")
-    real = scored = 0
-    for r in rows:
-        for side in sides:
-            response = min(MAX_LENGTH, count(r[side]) + 1)
-            real += min(MAX_LENGTH, count(r["prompt"]) + response)
-            scored += response if method != "reward" else 0
-    return real / len(rows), scored / len(rows)
+def batch_tokens(batch: dict, scored_key: str | None) -> tuple[int, int]:
+    """(real, scored) tokens of one batch as a framework fed it: non-padding tokens, and the positions its loss
+    scores (labels other than -100, or a completion mask)."""
+    mask = batch.get("attention_mask")
+    real = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    if scored_key is None:
+        return real, 0
+    scored = batch[scored_key]
+    return real, int((scored != -100).sum() if scored_key == "labels" else scored.sum())
 
 
 def matmul_peak_flops(seconds: float = 2.0, n: int = 2048) -> float:
@@ -124,39 +127,52 @@ def matmul_peak_flops(seconds: float = 2.0, n: int = 2048) -> float:
 
 # ----- one framework, one method, in this process ----------------------------------------------------------------
 class StepClock:
-    def __init__(self):
+    """Step boundaries, and the tokens of each batch in the order the framework drew them."""
+
+    def __init__(self, scored_key: str | None):
         self.marks: list[float] = []
+        self.batches: list[tuple[int, int]] = []
+        self.scored_key = scored_key
 
     def tick(self) -> None:
         self.marks.append(time.perf_counter())
 
-    def timed_seconds(self) -> float:
-        return self.marks[WARMUP_STEPS + TIMED_STEPS] - self.marks[WARMUP_STEPS]
+    def saw(self, batch: dict) -> dict:
+        self.batches.append(batch_tokens(batch, self.scored_key))
+        return batch
+
+    def timed_steps(self) -> list[tuple[float, int, int]]:
+        """(seconds, real tokens, scored tokens) of each timed step."""
+        steps = range(WARMUP_STEPS, WARMUP_STEPS + TIMED_STEPS)
+        return [(self.marks[i + 1] - self.marks[i], *self.batches[i]) for i in steps]
 
 
-def run_ours(folder: Path, method: str, peft: str) -> tuple[float, int]:
+def run_ours(folder: Path, method: str, peft: str, variant: str = "") -> list[tuple[float, int, int]]:
     import lightning as L
 
     import lightning_align as la
 
     L.seed_everything(0)
     model, rows = str(folder), str(folder / "rows.jsonl")
+    settings = apply_variant(variant, method)
     if method == "sft":
-        data = la.SFTDataModule(model, rows, batch_size=BATCH, max_length=MAX_LENGTH, packing=True)
-        module = la.SFTModule(model, learning_rate=1e-5)
+        packing = settings.pop("padding_free", True)
+        data = la.SFTDataModule(model, rows, batch_size=BATCH, max_length=MAX_LENGTH, packing=packing)
+        module = la.SFTModule(model, learning_rate=1e-5, **settings)
     else:
         data = la.PreferenceDataModule(model, rows, batch_size=BATCH, max_length=MAX_LENGTH)
         module = (
-            la.RewardModule(model, learning_rate=1e-5)
+            la.RewardModule(model, learning_rate=1e-5, **settings)
             if method == "reward"
-            else la.DPOModule(model, learning_rate=1e-6)
+            else la.DPOModule(model, learning_rate=1e-6, **settings)
         )
-    clock = StepClock()
+    clock = StepClock(None if method == "reward" else "labels")
 
     class Tick(L.Callback):
-        def on_train_batch_start(self, *args):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if not clock.marks:
                 clock.tick()
+            clock.saw(batch)
 
         def on_train_batch_end(self, *args):
             clock.tick()
@@ -171,19 +187,20 @@ def run_ours(folder: Path, method: str, peft: str) -> tuple[float, int]:
         enable_checkpointing=False,
         limit_val_batches=0,
         callbacks=callbacks,
+        default_root_dir=str(folder / "ours-out"),  # the LoRA callback saves its adapter there
     )
     trainer.fit(module, datamodule=data)
-    return clock.timed_seconds(), sum(p.numel() for p in module.model.parameters())
+    return clock.timed_steps()
 
 
-def run_trl(folder: Path, method: str, peft: str) -> tuple[float, int]:
+def run_trl(folder: Path, method: str, peft: str, variant: str = "") -> list[tuple[float, int, int]]:
     import datasets
     import trl
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
     rows = datasets.load_dataset("json", data_files=str(folder / "rows.jsonl"), split="train")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    clock = StepClock()
+    clock = StepClock({"sft": "labels", "reward": None, "dpo": "completion_mask"}[method])
 
     class Tick(TrainerCallback):
         def on_step_begin(self, *args, **kwargs):
@@ -244,41 +261,143 @@ def run_trl(folder: Path, method: str, peft: str) -> tuple[float, int]:
             peft_config=peft_config,
             callbacks=[Tick()],
         )
+    collate = trainer.data_collator  # batches are collated in the order the steps use them
+    trainer.data_collator = lambda examples: clock.saw(collate(examples))
     trainer.train()
-    return clock.timed_seconds(), sum(p.numel() for p in model.parameters())
+    return clock.timed_steps()
 
 
-def child(framework: str, method: str, peft: str) -> dict:
+def child(framework: str, method: str, peft: str, variant: str = "") -> dict:
+    import statistics
+
     import torch
 
     torch.set_num_threads(2)
     folder = build_fixture(ROOT / ".fixture")
-    seconds, _ = (run_ours if framework == "ours" else run_trl)(folder, method, peft)
-    # Rows are drawn in an order of each framework's own; the timed steps see TIMED_STEPS batches of the average.
-    real, scored = row_tokens(folder, method)
+    # Each framework draws the rows in an order of its own: count the tokens each timed step was fed.
+    steps = (run_ours if framework == "ours" else run_trl)(folder, method, peft, variant)
     body = LAYERS * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * 4 * HIDDEN)
-    head = VOCAB * HIDDEN if method != "reward" else HIDDEN
+    head = VOCAB * HIDDEN
     passes = 6 + (2 if method == "dpo" else 0)  # DPO: the reference's forward (adapter-disabled or frozen copy)
-    step_flops = BATCH * passes * (body * real + head * scored)
     return {
-        "tokens_per_sec": TIMED_STEPS * BATCH * real / seconds,
-        "model_flops_per_sec": TIMED_STEPS * step_flops / seconds,
+        "tokens_per_sec": statistics.median(real / seconds for seconds, real, _ in steps),
+        "model_flops_per_sec": statistics.median(
+            passes * (body * real + head * scored) / seconds for seconds, real, scored in steps
+        ),
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
+# ----- levers: our step with one of them switched off, or an option switched on -----------------------------------
+LEVERS = {
+    "padding_free": "rows packed without padding (SFT: packing; reward, DPO: `padding_free`)",
+    "response_positions_only": "output layer at scored positions only (else full [batch, seq, vocab] logits)",
+    "chunked_output_layer": "output layer + log-softmax a chunk of positions at a time (else `logits_to_keep`)",
+    "within_example_attention": "attention inside each packed example (else sdpa under the block mask)",
+    "fused_adamw": "fused AdamW step (else the foreach implementation)",
+}
+OPTIONS = {
+    "gradient_checkpointing": "activation checkpointing (`gradient_checkpointing=True`)",
+    "precomputed_reference": "reference log-probs precomputed before training (`precompute_ref_logps=True`)",
+}
+LEVER_RUNS = [  # (method, adapter, variants)
+    (
+        "sft",
+        "none",
+        [
+            "padding_free",
+            "response_positions_only",
+            "chunked_output_layer",
+            "within_example_attention",
+            "fused_adamw",
+            "+gradient_checkpointing",
+        ],
+    ),
+    ("reward", "none", ["padding_free", "within_example_attention", "fused_adamw"]),
+    (
+        "dpo",
+        "none",
+        [
+            "padding_free",
+            "response_positions_only",
+            "chunked_output_layer",
+            "within_example_attention",
+            "fused_adamw",
+            "+precomputed_reference",
+        ],
+    ),
+    ("dpo", "lora", ["padding_free", "response_positions_only", "chunked_output_layer", "+gradient_checkpointing"]),
+]
+
+
+def apply_variant(variant: str, method: str) -> dict:
+    """Switch one lever off ("name") or one option on ("+name") in this process; returns module settings."""
+    import contextlib
+
+    import torch
+
+    from lightning_align.modules import base, sft
+
+    if variant == "padding_free":
+        return {"padding_free": False}
+    if variant == "+gradient_checkpointing":
+        return {"gradient_checkpointing": True}
+    if variant == "+precomputed_reference":
+        return {"precompute_ref_logps": True}
+    if variant in ("chunked_output_layer", "response_positions_only"):
+        base.PLAIN_OUTPUT_LAYER_MODELS.clear()  # no model qualifies for the chunked output layer
+        if variant == "response_positions_only":
+            for module in (base, sft):
+                module.accepts_logits_to_keep = lambda model: False
+    elif variant == "within_example_attention":
+        base.attention_within_examples = lambda model, inputs: contextlib.nullcontext({})
+    elif variant == "fused_adamw":
+
+        class UnfusedAdamW(torch.optim.AdamW):
+            def __init__(self, *args, fused=None, **kwargs):
+                super().__init__(*args, **kwargs)
+
+        torch.optim.AdamW = UnfusedAdamW
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r}")
+    return {}
+
+
+def run_child(framework: str, method: str, peft: str, variant: str = "") -> dict:
+    command = [sys.executable, "-m", "benchmarks.compare", "--child", framework, "--method", method, "--peft", peft]
+    done = subprocess.run(command + (["--variant", variant] if variant else []), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{framework} {method} {peft} {variant} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def levers(peak: float) -> str:
+    lines = [
+        "| method | adapter | variant | tokens/s | gain from the lever | peak MiB | memory with / without | MFU |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for method, peft, variants in LEVER_RUNS:
+        full = run_child("ours", method, peft)
+        lines.append(
+            f"| {method} | {peft} | all levers on | {full['tokens_per_sec']:.0f} | | {full['peak_mib']:.0f} | | "
+            f"{100 * full['model_flops_per_sec'] / peak:.1f}% |"
+        )
+        print(lines[-1], flush=True)
+        for variant in variants:
+            r = run_child("ours", method, peft, variant)
+            name = f"with {variant[1:]}" if variant.startswith("+") else f"without {variant}"
+            lines.append(
+                f"| {method} | {peft} | {name} | {r['tokens_per_sec']:.0f} | "
+                f"{full['tokens_per_sec'] / r['tokens_per_sec']:.2f}x | {r['peak_mib']:.0f} | "
+                f"{full['peak_mib'] / r['peak_mib']:.2f} | {100 * r['model_flops_per_sec'] / peak:.1f}% |"
+            )
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 # ----- the comparison --------------------------------------------------------------------------------------------
 def compare(method: str, peft: str, peak: float) -> dict:
-    results = {}
-    for framework in ("ours", "trl"):
-        done = subprocess.run(
-            [sys.executable, "-m", "benchmarks.compare", "--child", framework, "--method", method, "--peft", peft],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"{framework} {method} {peft} failed:\n{done.stderr[-3000:]}")
-        results[framework] = json.loads(done.stdout.strip().splitlines()[-1])
+    results = {framework: run_child(framework, method, peft) for framework in ("ours", "trl")}
     for r in results.values():
         r["mfu"] = r["model_flops_per_sec"] / peak
     ours, theirs = results["ours"], results["trl"]
@@ -292,19 +411,35 @@ def compare(method: str, peft: str, peak: float) -> dict:
     }
 
 
-def table(rows: list[dict], peak: float) -> str:
+def machine_line(peak: float, command: str) -> str:
     import lightning
     import torch
     import transformers
-    import trl
 
-    lines = [
-        f"Measured by `python -m benchmarks.compare --all` on {date.today()}: {platform.machine()}, "
+    try:
+        import trl
+
+        peer = f", trl {trl.__version__}"
+    except ImportError:
+        peer = ""
+    return (
+        f"Measured by `python -m benchmarks.compare {command}` on {date.today()}: {platform.machine()}, "
         f"{platform.processor() or 'CPU'}, 2 threads, fp32; torch {torch.__version__}, "
-        f"lightning {lightning.__version__}, "
-        f"transformers {transformers.__version__}, trl {trl.__version__}. Matmul peak {peak / 1e9:.1f} GFLOP/s.",
+        f"lightning {lightning.__version__}, transformers {transformers.__version__}{peer}. "
+        f"Matmul peak {peak / 1e9:.1f} GFLOP/s.\n"
         f"Model: Llama-shaped, vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads; batch {BATCH}, "
-        f"max length {MAX_LENGTH}, {WARMUP_STEPS} warm-up + {TIMED_STEPS} timed steps.",
+        f"max length {MAX_LENGTH}; {WARMUP_STEPS} warm-up steps, then medians over {TIMED_STEPS} timed steps of "
+        "tokens/s (real tokens, not padding) and model FLOP/s.\n"
+        "MFU = model FLOP/s / matmul peak; model FLOPs of a step = (6 + 2 for DPO's reference forward) x "
+        f"(N_body x real tokens + N_head x scored tokens), N_body = {LAYERS * 16 * HIDDEN * HIDDEN:,} (the blocks' "
+        f"matrices), N_head = {VOCAB * HIDDEN:,} (output layer; no scored tokens for the reward model). Peak "
+        "memory: the process's maximum resident set."
+    )
+
+
+def table(rows: list[dict], peak: float) -> str:
+    lines = [
+        machine_line(peak, "--all"),
         "",
         "| method | adapter | ours tokens/s | TRL tokens/s | speed ratio | ours peak MiB | TRL peak MiB | memory ratio "
         "| ours MFU | TRL MFU |",
@@ -320,35 +455,53 @@ def table(rows: list[dict], peak: float) -> str:
     return "\n".join(lines)
 
 
+def write_section(title: str, text: str) -> None:
+    """Replace (or add) one `## title` section of RESULTS.md, keeping the others."""
+    results = ROOT / "RESULTS.md"
+    old = results.read_text() if results.exists() else "# Benchmark results\n"
+    head, sep, rest = old.partition(f"## {title}\n")
+    tail = rest[rest.find("\n## ") + 1 :] if sep and "\n## " in rest else ""
+    results.write_text(head.rstrip("\n") + f"\n\n## {title}\n\n{text}\n" + ("\n" + tail if tail else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=["sft", "reward", "dpo"], default="sft")
     parser.add_argument("--peft", choices=["none", "lora"], default="none")
     parser.add_argument("--all", action="store_true", help="every comparison, written to benchmarks/RESULTS.md")
+    parser.add_argument("--levers", action="store_true", help="our step without each lever, into RESULTS.md")
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.method, args.peft)))
+        print(json.dumps(child(args.child, args.method, args.peft, args.variant)))
         return
     import torch
 
     torch.set_num_threads(2)
     peak = matmul_peak_flops()
+    if args.levers:
+        text = levers(peak)
+        legend = "\n".join(f"- `{name}`: {what}" for name, what in (LEVERS | OPTIONS).items())
+        write_section("Levers", f"{machine_line(peak, '--levers')}\n\n{legend}\n\n{text}")
+        return
     rows = []
     for method, peft in COMBINATIONS if args.all else [(args.method, args.peft)]:
         rows.append(compare(method, peft, peak))
         print(table(rows[-1:], peak).splitlines()[-1], flush=True)
     text = table(rows, peak)
     print("\n" + text)
-    results = ROOT / "RESULTS.md"
     if args.all:
-        results.write_text("# Benchmark results\n\n" + text + "\n")
-    elif results.exists():  # one combination re-measured: its row is replaced and the header says when
-        lines = results.read_text().splitlines()
+        write_section("Against TRL", text)
+    else:  # one combination re-measured: its row is replaced and the section says when
+        results = ROOT / "RESULTS.md"
+        lines = results.read_text().splitlines() if results.exists() else []
         key = f"| {args.method} | {args.peft} |"
-        lines = [text.splitlines()[-1] if line.startswith(key) else line for line in lines]
-        lines.insert(3, f"Row {args.method} / {args.peft} re-measured on {date.today()} (`--method --peft`).")
-        results.write_text("\n".join(lines) + "\n")
+        if any(line.startswith(key) for line in lines):
+            at = next(i for i, line in enumerate(lines) if line.startswith("| method"))
+            lines = [text.splitlines()[-1] if line.startswith(key) else line for line in lines]
+            lines.insert(at, f"Row {args.method} / {args.peft} re-measured on {date.today()} (`--method --peft`).\n")
+            results.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

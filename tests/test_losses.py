@@ -208,3 +208,83 @@ def test_sequence_logps_at_the_predicting_positions_equals_sequence_logps_with_g
     (g_ours,) = torch.autograd.grad(ours.sum(), logits)
     (g_naive,) = torch.autograd.grad(naive.sum(), logits)
     torch.testing.assert_close(g_ours, g_naive)
+
+
+def naive_output_layer_logps(hidden, weight, targets):
+    """Per position: the logits as explicit dot products, then log softmax written out."""
+    out = []
+    for i in range(hidden.shape[0]):
+        logits = [sum(hidden[i, k] * weight[v, k] for k in range(hidden.shape[1])) for v in range(weight.shape[0])]
+        log_norm = torch.log(sum(torch.exp(z) for z in logits))
+        out.append(logits[targets[i]] - log_norm)
+    return torch.stack(out)
+
+
+def output_layer_case(seed=0, positions=7, width=5, vocab=13):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(positions, width, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, width, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, vocab, (positions,), generator=g)
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("weight_trained", [True, False])
+@pytest.mark.parametrize("chunk_size", [3, 100])  # several chunks, and one
+def test_output_layer_logps_match_naive_loop_with_gradients(weight_trained, chunk_size):
+    from lightning_align.losses import output_layer_logps
+
+    hidden, weight, targets = output_layer_case()
+    upstream = torch.linspace(-1.0, 2.0, len(targets), dtype=torch.float64)  # a loss that is not linear in logp
+
+    def run(fn):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(weight_trained)
+        logps = fn(h, w, targets)
+        (torch.sigmoid(logps) * upstream).sum().backward()
+        return logps.detach(), h.grad, w.grad
+
+    ours = run(lambda h, w, y: output_layer_logps(h, w, y, chunk_size=chunk_size))
+    naive = run(naive_output_layer_logps)
+    torch.testing.assert_close(ours[0], naive[0])
+    torch.testing.assert_close(ours[1], naive[1])
+    if weight_trained:
+        torch.testing.assert_close(ours[2], naive[2])
+    else:
+        assert ours[2] is None
+
+
+@pytest.mark.parametrize("chunk_size", [2, 100])
+def test_output_layer_nll_matches_naive_mean_nll_with_gradients(chunk_size):
+    from lightning_align.losses import output_layer_nll
+
+    hidden, weight, targets = output_layer_case(seed=1)
+
+    def run(fn):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss = fn(h, w)
+        (3.0 * loss).backward()  # the stored gradients are scaled by the upstream one
+        return loss.detach(), h.grad, w.grad
+
+    ours = run(lambda h, w: output_layer_nll(h, w, targets, normaliser=10, chunk_size=chunk_size))
+    naive = run(lambda h, w: -naive_output_layer_logps(h, w, targets).sum() / 10)
+    for mine, theirs in zip(ours, naive):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_output_layer_logps_without_grad_tracking_are_the_same_values():
+    from lightning_align.losses import output_layer_logps
+
+    hidden, weight, targets = output_layer_case(seed=2)
+    with torch.no_grad():
+        untracked = output_layer_logps(hidden.requires_grad_(True), weight, targets, chunk_size=3)
+    assert not untracked.requires_grad
+    torch.testing.assert_close(untracked, naive_output_layer_logps(hidden.detach(), weight, targets))
+
+
+def test_token_logps_at_the_predicting_positions_match_the_naive_loop():
+    from lightning_align.losses import predicting_positions, token_logps_at
+
+    logits, labels = random_batch(seed=3)
+    ours = token_logps_at(logits[predicting_positions(labels)], labels)
+    naive = [logp for row in naive_token_logps(logits, labels) for logp in row]
+    torch.testing.assert_close(ours, torch.stack(naive))

@@ -7,15 +7,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lightning_align.data.collate import pack_padded, right_padded
 from lightning_align.losses import (
     DPO_LOSS_TYPES,
     dpo_loss,
-    predicting_positions,
-    sequence_logps,
-    sequence_logps_at,
     simpo_loss,
 )
-from lightning_align.modules.base import MODEL_INPUTS, AlignModule, accepts_logits_to_keep, causal_lm_logits
+from lightning_align.modules.base import (
+    AlignModule,
+    scored_token_logps,
+)
 from lightning_align.modules.ref_cache import (
     RefLogpsCache,
     examples_fingerprint,
@@ -36,19 +37,32 @@ PREFERENCE_METRICS = (
 )
 
 
-def chosen_rejected_logps(model: nn.Module, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def chosen_rejected_logps(
+    model: nn.Module, batch: dict, average: bool = False, chunked: bool = True, padding_free: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs of the chosen and rejected halves of a preference batch, from one forward pass."""
-    return response_logps(model, batch, average).chunk(2)
+    return response_logps(model, batch, average, chunked, padding_free).chunk(2)
 
 
-def response_logps(model: nn.Module, batch: dict, average: bool = False) -> torch.Tensor:
-    """Per-row sequence log-probs, with the output layer applied at the scored positions only when the model
-    allows it (Hugging Face's `logits_to_keep`): prompt positions never reach the [vocab]-wide logits."""
-    if not accepts_logits_to_keep(model):
-        return sequence_logps(causal_lm_logits(model, batch), batch["labels"], average=average)
-    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-    logits = model(**inputs, use_cache=False, logits_to_keep=predicting_positions(batch["labels"])).logits
-    return sequence_logps_at(logits, batch["labels"], average=average)
+def response_logps(
+    model: nn.Module, batch: dict, average: bool = False, chunked: bool = True, padding_free: bool = True
+) -> torch.Tensor:
+    """Per-row sequence log-probs, the output layer applied at the scored positions only (`scored_token_logps`,
+    a chunk of positions at a time when `chunked` and the model allows it). With `padding_free`, a right-padded
+    batch's rows are scored packed together without their padding (`pack_padded`)."""
+    labels = batch["labels"]
+    if padding_free and "attention_mask" in batch and right_padded(batch["attention_mask"]):
+        packed = pack_padded(batch["input_ids"], batch["attention_mask"], labels)
+        logps, scored = scored_token_logps(model, {key: packed[key] for key in PACKED_INPUTS}, chunked)
+        rows = packed["example"][:, 1:][scored]
+    else:
+        logps, scored = scored_token_logps(model, batch, chunked)
+        rows = scored.nonzero()[:, 0]
+    sums = torch.zeros(len(labels), dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
+    return sums / (labels[:, 1:] != -100).sum(-1).clamp(min=1) if average else sums
+
+
+PACKED_INPUTS = ("input_ids", "position_ids", "labels")
 
 
 class DPOModule(AlignModule):
@@ -69,6 +83,9 @@ class DPOModule(AlignModule):
             `precompute_ref_logps`). They are reused only if the data, the reference's weights, the tokenizer,
             `max_length` and the truncation are unchanged; otherwise, or if the file is damaged, they are
             recomputed and the log says why.
+        padding_free: score a batch's rows packed together without their padding (`pack_padded`), for the
+            policy and the reference; the log-probs equal the padded forward's. Used where the output layer is
+            applied a chunk at a time (Llama-like Hugging Face models, weights not sharded).
         Other arguments as `AlignModule`.
 
     The reference is picked automatically and reported at start: with a LoRA / QLoRA callback, the same network
@@ -86,6 +103,7 @@ class DPOModule(AlignModule):
         ref_model: str | None = None,
         precompute_ref_logps: bool = False,
         ref_cache_dir: str | None = None,
+        padding_free: bool = True,
         **kwargs,
     ):
         if loss_type not in DPO_LOSS_TYPES + ("simpo",):
@@ -98,6 +116,7 @@ class DPOModule(AlignModule):
         self.rpo_alpha = rpo_alpha
         self.ref_model_path = ref_model
         self.ref_cache_dir = ref_cache_dir
+        self.padding_free = padding_free
         self.precompute_ref_logps = (precompute_ref_logps or ref_cache_dir is not None) and loss_type != "simpo"
         self.reference: Reference | None = None
         self.val_metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in PREFERENCE_METRICS})
@@ -183,15 +202,20 @@ class DPOModule(AlignModule):
             "truncation": str(getattr(datamodule, "truncation", "")),
         }
 
+    def sequence_logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return response_logps(model, batch, chunked=not self.weights_sharded, padding_free=self.padding_free)
+
     def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in batch:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         with self.reference(self.model) as reference:
-            return chosen_rejected_logps(reference, batch)
+            return chosen_rejected_logps(
+                reference, batch, chunked=not self.weights_sharded, padding_free=self.padding_free
+            )
 
     def preference_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loss and metrics of a batch, per example."""
-        sums = response_logps(self.model, batch)
+        sums = self.sequence_logps(self.model, batch)
         means = sums / (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
         chosen, rejected = (means if self.reference_free else sums).chunk(2)
         if self.reference_free:

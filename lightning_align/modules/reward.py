@@ -6,11 +6,11 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lightning_align.data.collate import pad_collate
+from lightning_align.data.collate import pack_padded, pad_collate, right_padded
 from lightning_align.data.sources import Row
 from lightning_align.data.tokenize import adds_bos, encode_segments
 from lightning_align.losses import pairwise_reward_loss
-from lightning_align.modules.base import AlignModule
+from lightning_align.modules.base import AlignModule, last_hidden_state
 
 
 class RewardModule(AlignModule):
@@ -19,14 +19,21 @@ class RewardModule(AlignModule):
 
     Trains on `PreferenceDataModule` batches with `pairwise_reward_loss` (a row's optional `margin` is the
     required gap). Logs `train/loss`, `train/accuracy`, `val/loss`, `val/accuracy` (share of pairs with
-    r+ > r-) and `val/margin` (mean r+ - r-). Arguments as `AlignModule`.
+    r+ > r-) and `val/margin` (mean r+ - r-).
+
+    Args:
+        padding_free: score the batch's rows packed together without their padding (`pack_padded`), with the
+            score head applied at each row's last token; the rewards equal the padded forward's. Used when the
+            model is a Hugging Face sequence classifier with a `score` head and the batch is right-padded.
+        others: as `AlignModule`.
     """
 
     auto_class_name = "AutoModelForSequenceClassification"
     trained_heads = ("score",)  # trained in full and saved alongside a LoRA adapter
 
-    def __init__(self, model: str | nn.Module, **kwargs):
+    def __init__(self, model: str | nn.Module, padding_free: bool = True, **kwargs):
         super().__init__(model, **kwargs)
+        self.padding_free = padding_free
         self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
 
     def load_model(self, name_or_path: str | None = None, **kwargs) -> nn.Module:
@@ -38,6 +45,13 @@ class RewardModule(AlignModule):
 
     def rewards(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of the chosen and rejected halves of a preference batch, from one forward pass."""
+        body_and_head = body_and_score_head(self.model)
+        if self.padding_free and body_and_head is not None and right_padded(batch["attention_mask"]):
+            body, head = body_and_head
+            packed = pack_padded(batch["input_ids"], batch["attention_mask"])
+            hidden = last_hidden_state(body, self.model, {key: packed[key] for key in ("input_ids", "position_ids")})
+            last_hidden = hidden.flatten(0, 1)[packed["last"]]
+            return head(last_hidden).squeeze(-1).float().chunk(2)
         scores = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         return scores.logits.squeeze(-1).float().chunk(2)
 
@@ -84,3 +98,14 @@ class RewardModule(AlignModule):
             out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
             scores.append(out.logits.squeeze(-1).float())
         return torch.cat(scores)
+
+
+def body_and_score_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The transformer body and the `score` head of a Hugging Face sequence classifier (LoRA layers included),
+    or None for other models."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, "base_model", None)
+    head = getattr(base, "score", None)
+    if body is None or body is base or head is None or not type(base).__name__.endswith("ForSequenceClassification"):
+        return None
+    return body, head

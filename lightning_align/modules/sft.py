@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 from torchmetrics import SumMetric
 
-from lightning_align.losses import predicting_positions, sft_loss, sft_loss_at, token_logps
-from lightning_align.modules.base import MODEL_INPUTS, AlignModule, accepts_logits_to_keep, causal_lm_logits
+from lightning_align.losses import output_layer_nll, predicting_positions, sft_loss, sft_loss_at, token_logps
+from lightning_align.modules.base import (
+    MODEL_INPUTS,
+    AlignModule,
+    accepts_logits_to_keep,
+    body_and_output_weight,
+    causal_lm_logits,
+    last_hidden_state,
+)
 
 
 class SFTModule(AlignModule):
@@ -33,8 +40,17 @@ class SFTModule(AlignModule):
         return sft_loss(causal_lm_logits(self.model, batch), batch["labels"])
 
     def scored_loss(self, batch: dict, num_scored_tokens=None) -> torch.Tensor:
-        """`sft_loss`, with the output layer applied at the scored positions only when the model allows it
-        (Hugging Face's `logits_to_keep`): prompt positions never reach the [vocab]-wide logits."""
+        """`sft_loss`, with the output layer applied at the scored positions only: a chunk of them at a time with
+        the gradients formed in the same pass (`output_layer_nll`) when the model allows it, else through Hugging
+        Face's `logits_to_keep`. Prompt positions never reach the [vocab]-wide logits."""
+        split = None if self.weights_sharded else body_and_output_weight(self.model)
+        if split is not None:
+            body, weight = split
+            labels = batch["labels"]
+            hidden = last_hidden_state(body, self.model, batch)
+            scored = labels[:, 1:] != -100
+            normaliser = scored.sum() if num_scored_tokens is None else num_scored_tokens
+            return output_layer_nll(hidden[:, :-1][scored], weight, labels[:, 1:][scored], normaliser)
         if not accepts_logits_to_keep(self.model):
             return sft_loss(causal_lm_logits(self.model, batch), batch["labels"], num_scored_tokens=num_scored_tokens)
         keep = predicting_positions(batch["labels"])

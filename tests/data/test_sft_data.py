@@ -244,3 +244,33 @@ def test_a_template_that_scores_nothing_or_everything_stops_with_the_marked_text
     assert message in str(raised.value)
     if "every token" in message:
         assert "[[12</s>]]" in str(raised.value)
+
+
+def test_pack_padded_keeps_every_token_and_position_and_finds_each_last_token():
+    from lightning_align.data.collate import pack_padded
+
+    lengths = [7, 3, 5, 2, 7, 1]
+    ids = torch.zeros(len(lengths), 7, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.arange(n) + 100 * (i + 1)  # each token names its example and position
+    mask = (ids != 0).long()
+    labels = torch.where(mask.bool(), ids + 1, -100)
+    packed = pack_padded(ids, mask, labels, fill=0)
+    flat_ids, flat_pos = packed["input_ids"].flatten(), packed["position_ids"].flatten()
+    assert packed["input_ids"].shape == (4, 7)  # first fit decreasing: 7 | 7 | 5+2 | 3+1
+    for i, n in enumerate(lengths):
+        end = int(packed["last"][i])
+        torch.testing.assert_close(flat_ids[end - n + 1 : end + 1], ids[i, :n])
+        torch.testing.assert_close(flat_pos[end - n + 1 : end + 1], torch.arange(n))
+        assert (packed["example"].flatten()[end - n + 1 : end + 1] == i).all()
+        # labels travel with their tokens, except the first, which no position of the example predicts
+        torch.testing.assert_close(
+            packed["labels"].flatten()[end - n + 1 : end + 1], torch.cat([torch.tensor([-100]), labels[i, 1:n]])
+        )
+    assert sorted(flat_ids[flat_ids != 0].tolist()) == sorted(ids[mask.bool()].tolist())
+    for row_ids, row_pos in zip(packed["input_ids"], packed["position_ids"]):  # a tail restarts at position 0
+        used = int((row_ids != 0).sum())
+        torch.testing.assert_close(row_pos[used:], torch.arange(7 - used))
+    assert (packed["labels"].flatten()[flat_ids == 0] == -100).all() and (
+        packed["example"].flatten()[flat_ids == 0] == -1
+    ).all()

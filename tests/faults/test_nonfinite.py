@@ -9,18 +9,19 @@ from tests.conftest import trainer
 
 
 def poison_forward(module, at_call: int):
-    """NaN logits on the `at_call`-th training forward pass (1-based)."""
+    """NaN hidden states out of the transformer body (so NaN logits, whichever way the output layer is applied)
+    on the `at_call`-th training forward pass (1-based)."""
     calls = []
 
     def hook(model, args, kwargs, output):
         if model.training:
             calls.append(1)
             if len(calls) == at_call:
-                output.logits = output.logits * float("nan")
+                output.last_hidden_state = output.last_hidden_state * float("nan")
         return output
 
     module.configure_model()
-    module.model.register_forward_hook(hook, with_kwargs=True)
+    module.model.model.register_forward_hook(hook, with_kwargs=True)
 
 
 def data(tiny_model, plain_task_files):

@@ -137,3 +137,30 @@ def test_rpo_alpha_adds_the_mean_token_nll_of_the_chosen_responses(sft_model, ta
             nll.append(-sum(terms) / len(terms))
         difference = rpo.preference_step(batch)["loss"] - plain.preference_step(batch)["loss"]
     torch.testing.assert_close(difference.double(), 0.5 * torch.stack(nll), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunked, padding_free", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_chunked_and_packed_logps_equal_the_padded_logits_path_with_gradients(
+    tiny_model, task_files, tmp_path, adapter, chunked, padding_free
+):
+    from lightning_align.modules.base import body_and_output_weight
+    from lightning_align.modules.dpo import response_logps
+    from tests.conftest import ready
+
+    batch = preference_data(tiny_model, task_files).collate(preference_data(tiny_model, task_files).val_set[:8])
+    module = ready(DPOModule(tiny_model), [LoRA(r=4)] if adapter else [], tmp_path)
+    assert body_and_output_weight(module.model) is not None  # the chunked path is there to be taken
+    assert batch["attention_mask"].sum() < batch["attention_mask"].numel()  # padding for packing to drop
+    results = []
+    for options in ({"chunked": chunked, "padding_free": padding_free}, {"chunked": False, "padding_free": False}):
+        module.zero_grad()
+        logps = response_logps(module.model, batch, **options)
+        (torch.sigmoid(logps / 50) * torch.arange(len(logps))).sum().backward()  # not linear in the log-probs
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        results.append((logps.detach(), grads))
+    (fast, fast_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-4)
+    assert fast_grads.keys() == plain_grads.keys() and len(plain_grads) > 4
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

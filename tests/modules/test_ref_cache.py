@@ -17,9 +17,9 @@ def counted_reference_passes(monkeypatch):
     calls = []
     original = dpo.chosen_rejected_logps
 
-    def counting(model, batch, average=False):
+    def counting(model, batch, average=False, **options):
         calls.append(len(batch["input_ids"]))
-        return original(model, batch, average)
+        return original(model, batch, average, **options)
 
     monkeypatch.setattr(dpo, "chosen_rejected_logps", counting)
     return calls

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_align import LoRA, PreferenceDataModule, RewardModule
-from tests.conftest import trainer
+from tests.conftest import ready, trainer
 
 
 def preference_data(model_path, task_files, batch_size=16):
@@ -67,3 +67,48 @@ def test_reward_model_with_lora_trains_and_saves_its_score_head(sft_model, task_
     with torch.no_grad():
         out = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
     torch.testing.assert_close(out, trained)
+
+
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_padding_free_rewards_and_gradients_equal_the_padded_forward(tiny_model, task_files, tmp_path, adapter):
+    dm = preference_data(tiny_model, task_files, batch_size=8)
+    dm.setup("fit")
+    batch = dm.collate(dm.val_set[:8])
+    assert batch["attention_mask"].sum() < batch["attention_mask"].numel()  # there is padding to drop
+
+    def rewards_and_grads(padding_free):
+        torch.manual_seed(0)  # the same new score head (and LoRA init) both times
+        module = RewardModule(tiny_model, padding_free=padding_free)
+        ready(module, [LoRA(r=4)] if adapter else [], tmp_path)
+        module.model.eval()
+        chosen, rejected = module.rewards(batch)
+        (chosen.sum() - 2 * rejected.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        return torch.cat([chosen, rejected]).detach(), grads
+
+    packed, packed_grads = rewards_and_grads(True)
+    padded, padded_grads = rewards_and_grads(False)
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) > 2
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_left_padded_batches_take_the_padded_forward(tiny_model, task_files, tmp_path):
+    from lightning_align.data.collate import right_padded
+
+    dm = preference_data(tiny_model, task_files, batch_size=4)
+    dm.setup("fit")
+    batch = dm.collate(dm.val_set[:4])
+    lengths = batch["attention_mask"].sum(1)
+    left = {
+        k: torch.stack([v[i].roll(int(v.shape[1] - n)) for i, n in enumerate(lengths)])
+        for k, v in batch.items()
+        if k in ("input_ids", "attention_mask")
+    }
+    assert right_padded(batch["attention_mask"]) and not right_padded(left["attention_mask"])
+    module = ready(RewardModule(tiny_model), tmp_path=tmp_path)
+    module.model.eval()
+    with torch.no_grad():
+        expected = module.model(**left).logits.squeeze(-1)
+        torch.testing.assert_close(torch.cat(module.rewards(left)), expected)

@@ -172,18 +172,37 @@ def test_gradient_accumulation_equals_the_larger_batch_with_unequal_response_len
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_loss_from_scored_positions_only_equals_the_full_logits_loss(tiny_model, plain_task_files, packing):
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_loss_from_scored_positions_only_equals_the_full_logits_loss(
+    tiny_model, plain_task_files, tmp_path, packing, adapter
+):
+    from lightning_align import LoRA
+    from lightning_align.modules.base import body_and_output_weight
+    from tests.conftest import ready
+
     dm = SFTDataModule(tiny_model, plain_task_files["sft_train"], batch_size=6, max_length=64, packing=packing)
     dm.setup("fit")
     batch = dm.collate(dm.train_set[:6])
-    module = SFTModule(tiny_model)
-    module.configure_model()
+    module = ready(SFTModule(tiny_model), [LoRA(r=4)] if adapter else [], tmp_path)
+    assert body_and_output_weight(module.model) is not None  # the chunked output layer is the path taken
     fast = module.scored_loss(batch)
-    fast.backward()
-    fast_grads = [p.grad.clone() for p in module.parameters()]
+    (2 * fast).backward()
+    fast_grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
     module.zero_grad()
     plain = module.loss(batch)
-    plain.backward()
+    (2 * plain).backward()
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
-    for a, p in zip(fast_grads, module.parameters()):
-        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+    plain_grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    assert fast_grads.keys() == plain_grads.keys() and len(plain_grads) > 4
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("precision, fused", [("32-true", True), ("bf16-mixed", False)])
+def test_adamw_is_fused_except_under_mixed_precision(tiny_model, plain_task_files, tmp_path, precision, fused):
+    from tests.conftest import trainer
+
+    dm = SFTDataModule(tiny_model, plain_task_files["sft_train"], batch_size=4, max_length=64)
+    fit = trainer(tmp_path, max_steps=1, precision=precision)
+    fit.fit(SFTModule(tiny_model), datamodule=dm)
+    assert bool(fit.optimizers[0].defaults["fused"]) is fused
