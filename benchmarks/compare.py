@@ -14,11 +14,12 @@ row fits the maximum length, so neither framework truncates or drops any.
 Figures: the median over the timed steps (after warm-up steps) of real (non-padding) training tokens per second,
 counted from the batches each framework fed its steps; peak resident memory; and model FLOPs utilisation =
 achieved model FLOP/s over the fp32 matmul peak measured at start.
-Model FLOPs of a step: 6 N_body T + 6 N_head S for a training pass (forward + backward) and 2 N_body T + 2 N_head S
-for each extra forward (the DPO reference), with T the real tokens, S the scored tokens (where a loss needs the
-output layer: response tokens for SFT and DPO, none for the reward model, whose head is a scalar), N_body the
-parameters of the transformer blocks and N_head those of the output layer (embeddings are lookups). Work beyond
-this (logits of prompt positions, padding) is not model work and does not count. Attention's score and value
+Model FLOPs of a step: 6 N_body T + 6 N_head S for a training pass (forward + backward; 4 instead of 6 under LoRA,
+whose frozen weights need no weight gradient) and 2 N_body T + 2 N_head S for each extra forward (the DPO
+reference), with T the real tokens, S the scored tokens (where a loss needs the output layer: response tokens for
+SFT and DPO, none for the reward model, whose head is a scalar), N_body the parameters of the transformer blocks and
+N_head those of the output layer (embeddings are lookups). Work beyond this (logits of prompt positions, padding)
+is not model work and does not count. Attention's score and value
 products are left out too, so the figure understates the arithmetic done rather than overstating it.
 """
 
@@ -278,7 +279,8 @@ def child(framework: str, method: str, peft: str, variant: str = "") -> dict:
     steps = (run_ours if framework == "ours" else run_trl)(folder, method, peft, variant)
     body = LAYERS * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * 4 * HIDDEN)
     head = VOCAB * HIDDEN
-    passes = 6 + (2 if method == "dpo" else 0)  # DPO: the reference's forward (adapter-disabled or frozen copy)
+    # Forward 2, input gradient 2, weight gradient 2 -- frozen LoRA base weights skip the last.
+    passes = (4 if peft == "lora" else 6) + (2 if method == "dpo" else 0)  # DPO: the reference's forward
     return {
         "tokens_per_sec": statistics.median(real / seconds for seconds, real, _ in steps),
         "model_flops_per_sec": statistics.median(
@@ -301,31 +303,9 @@ OPTIONS = {
     "precomputed_reference": "reference log-probs precomputed before training (`precompute_ref_logps=True`)",
 }
 LEVER_RUNS = [  # (method, adapter, variants)
-    (
-        "sft",
-        "none",
-        [
-            "padding_free",
-            "response_positions_only",
-            "chunked_output_layer",
-            "within_example_attention",
-            "fused_adamw",
-            "+gradient_checkpointing",
-        ],
-    ),
+    ("sft", "none", list(LEVERS) + ["+gradient_checkpointing"]),
     ("reward", "none", ["padding_free", "within_example_attention", "fused_adamw"]),
-    (
-        "dpo",
-        "none",
-        [
-            "padding_free",
-            "response_positions_only",
-            "chunked_output_layer",
-            "within_example_attention",
-            "fused_adamw",
-            "+precomputed_reference",
-        ],
-    ),
+    ("dpo", "none", list(LEVERS) + ["+precomputed_reference"]),
     ("dpo", "lora", ["padding_free", "response_positions_only", "chunked_output_layer", "+gradient_checkpointing"]),
 ]
 
@@ -433,7 +413,8 @@ def machine_line(peak: float, command: str) -> str:
         f"Model: Llama-shaped, vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads; batch {BATCH}, "
         f"max length {MAX_LENGTH}; {WARMUP_STEPS} warm-up steps, then medians over {TIMED_STEPS} timed steps of "
         "tokens/s (real tokens, not padding) and model FLOP/s.\n"
-        "MFU = model FLOP/s / matmul peak; model FLOPs of a step = (6 + 2 for DPO's reference forward) x "
+        "MFU = model FLOP/s / matmul peak; model FLOPs of a step = (6, or 4 under LoRA's frozen weights, "
+        "+ 2 for DPO's reference forward) x "
         f"(N_body x real tokens + N_head x scored tokens), N_body = {LAYERS * 16 * HIDDEN * HIDDEN:,} (the blocks' "
         f"matrices), N_head = {VOCAB * HIDDEN:,} (output layer; no scored tokens for the reward model). Peak "
         "memory: the process's maximum resident set."

@@ -43,11 +43,16 @@ def packed_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def pack_padded(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None, fill: int = 0
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    fill: int = 0,
+    one_row: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The rows of a right-padded batch, re-packed without their padding: first-fit-decreasing into as few rows
-    as hold them, each as long as the longest row, `position_ids` restarting at 0 for each example (read by
-    Hugging Face models as separate sequences when no attention mask is given).
+    as hold them, each as long as the longest row (or with `one_row`, all of them in one row: for attention
+    whose cost is each example's own), `position_ids` restarting at 0 for each example (read by Hugging Face
+    models as separate sequences when no attention mask is given).
 
     Returns `input_ids` and `position_ids` [packed rows, longest] (a packed row's unused tail is a sequence of
     `fill` tokens of its own), `example` [packed rows, longest] (the batch row each position came from, -1 on
@@ -56,7 +61,7 @@ def pack_padded(
     its own predicts).
     """
     lengths = attention_mask.sum(dim=1).tolist()
-    capacity = max(lengths)
+    capacity = sum(lengths) if one_row else max(lengths)
     free: list[int] = []  # room left in each packed row
     placed: list[tuple[int, int]] = [(0, 0)] * len(lengths)  # (packed row, start column) of each example
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):

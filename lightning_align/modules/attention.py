@@ -51,27 +51,33 @@ AttentionInterface.register(WITHIN_EXAMPLES, within_examples_attention)
 AttentionMaskInterface.register(WITHIN_EXAMPLES, sdpa_mask)
 
 
+def attends_within_examples(model, device: torch.device) -> bool:
+    """Whether the attention of packed rows costs only each example's own (so examples may share one row at no
+    cost): this module's kernel (sdpa attention, on a CPU, no activation checkpointing, which would recompute
+    the layers outside `attention_within_examples`) or Hugging Face's variable-length flash attention."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    implementation = getattr(getattr(base, "config", None), "_attn_implementation", None) or ""
+    if implementation.startswith("flash_attention"):
+        return True
+    return implementation == "sdpa" and device.type == "cpu" and not getattr(base, "is_activation_checkpointing", False)
+
+
 @contextmanager
 def attention_within_examples(model, inputs: dict) -> Iterator[dict]:
     """Extra forward arguments under which the attention of a packed batch (`position_ids` restarting at each
     example, no attention mask) stays inside each example, for the forward passes run in this context.
 
     Yields no arguments, and leaves the model as it is, unless the model uses sdpa attention on a CPU and no
-    activation checkpointing (which would recompute the layers after this context ends).
+    activation checkpointing (`attends_within_examples`).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
     packed = "position_ids" in inputs and inputs.get("attention_mask") is None
-    if (
-        not packed
-        or getattr(config, "_attn_implementation", None) != "sdpa"
-        or inputs["input_ids"].device.type != "cpu"
-        or getattr(base, "is_activation_checkpointing", False)
-    ):
+    sdpa = getattr(getattr(base, "config", None), "_attn_implementation", None) == "sdpa"
+    if not (packed and sdpa and attends_within_examples(model, inputs["input_ids"].device)):
         yield {}
         return
-    config._attn_implementation = WITHIN_EXAMPLES
+    base.config._attn_implementation = WITHIN_EXAMPLES
     try:
         yield {"packed_examples": packed_examples(inputs["position_ids"])}
     finally:
-        config._attn_implementation = "sdpa"
+        base.config._attn_implementation = "sdpa"

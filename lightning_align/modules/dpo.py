@@ -13,6 +13,7 @@ from lightning_align.losses import (
     dpo_loss,
     simpo_loss,
 )
+from lightning_align.modules.attention import attends_within_examples
 from lightning_align.modules.base import (
     AlignModule,
     scored_token_logps,
@@ -52,7 +53,8 @@ def response_logps(
     batch's rows are scored packed together without their padding (`pack_padded`)."""
     labels = batch["labels"]
     if padding_free and "attention_mask" in batch and right_padded(batch["attention_mask"]):
-        packed = pack_padded(batch["input_ids"], batch["attention_mask"], labels)
+        one_row = attends_within_examples(model, labels.device)
+        packed = pack_padded(batch["input_ids"], batch["attention_mask"], labels, one_row=one_row)
         logps, scored = scored_token_logps(model, {key: packed[key] for key in PACKED_INPUTS}, chunked)
         rows = packed["example"][:, 1:][scored]
     else:

@@ -10,6 +10,7 @@ from lightning_align.data.collate import pack_padded, pad_collate, right_padded
 from lightning_align.data.sources import Row
 from lightning_align.data.tokenize import adds_bos, encode_segments
 from lightning_align.losses import pairwise_reward_loss
+from lightning_align.modules.attention import attends_within_examples
 from lightning_align.modules.base import AlignModule, last_hidden_state
 
 
@@ -48,7 +49,8 @@ class RewardModule(AlignModule):
         body_and_head = body_and_score_head(self.model)
         if self.padding_free and body_and_head is not None and right_padded(batch["attention_mask"]):
             body, head = body_and_head
-            packed = pack_padded(batch["input_ids"], batch["attention_mask"])
+            one_row = attends_within_examples(self.model, batch["input_ids"].device)
+            packed = pack_padded(batch["input_ids"], batch["attention_mask"], one_row=one_row)
             hidden = last_hidden_state(body, self.model, {key: packed[key] for key in ("input_ids", "position_ids")})
             last_hidden = hidden.flatten(0, 1)[packed["last"]]
             return head(last_hidden).squeeze(-1).float().chunk(2)

@@ -274,3 +274,16 @@ def test_pack_padded_keeps_every_token_and_position_and_finds_each_last_token():
     assert (packed["labels"].flatten()[flat_ids == 0] == -100).all() and (
         packed["example"].flatten()[flat_ids == 0] == -1
     ).all()
+
+
+def test_pack_padded_into_one_row_keeps_every_example_in_order_of_length():
+    from lightning_align.data.collate import pack_padded
+
+    lengths = [3, 5, 1]
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.arange(n) + 10 * (i + 1)
+    packed = pack_padded(ids, (ids != 0).long(), one_row=True)
+    assert packed["input_ids"].tolist() == [[20, 21, 22, 23, 24, 10, 11, 12, 30]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0]]
+    assert packed["last"].tolist() == [7, 4, 8]

@@ -69,8 +69,13 @@ def test_reward_model_with_lora_trains_and_saves_its_score_head(sft_model, task_
     torch.testing.assert_close(out, trained)
 
 
-@pytest.mark.parametrize("adapter", [None, "lora"])
-def test_padding_free_rewards_and_gradients_equal_the_padded_forward(tiny_model, task_files, tmp_path, adapter):
+@pytest.mark.parametrize(
+    "adapter, checkpointing",
+    [(None, False), ("lora", False), (None, True)],  # checkpointing: rows as long as the longest, sdpa block mask
+)
+def test_padding_free_rewards_and_gradients_equal_the_padded_forward(
+    tiny_model, task_files, tmp_path, adapter, checkpointing
+):
     dm = preference_data(tiny_model, task_files, batch_size=8)
     dm.setup("fit")
     batch = dm.collate(dm.val_set[:8])
@@ -78,7 +83,7 @@ def test_padding_free_rewards_and_gradients_equal_the_padded_forward(tiny_model,
 
     def rewards_and_grads(padding_free):
         torch.manual_seed(0)  # the same new score head (and LoRA init) both times
-        module = RewardModule(tiny_model, padding_free=padding_free)
+        module = RewardModule(tiny_model, padding_free=padding_free, gradient_checkpointing=checkpointing)
         ready(module, [LoRA(r=4)] if adapter else [], tmp_path)
         module.model.eval()
         chosen, rejected = module.rewards(batch)

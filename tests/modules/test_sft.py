@@ -206,3 +206,25 @@ def test_adamw_is_fused_except_under_mixed_precision(tiny_model, plain_task_file
     fit = trainer(tmp_path, max_steps=1, precision=precision)
     fit.fit(SFTModule(tiny_model), datamodule=dm)
     assert bool(fit.optimizers[0].defaults["fused"]) is fused
+
+
+def test_fused_adamw_steps_equal_the_foreach_implementation(tiny_model, plain_task_files, tmp_path, monkeypatch):
+    from tests.conftest import trainer
+
+    class ForeachAdamW(torch.optim.AdamW):
+        def __init__(self, *args, fused=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    dm = SFTDataModule(tiny_model, plain_task_files["sft_train"], batch_size=4, max_length=64)
+    weights = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(torch.optim, "AdamW", ForeachAdamW)
+        torch.manual_seed(0)
+        module = SFTModule(tiny_model, learning_rate=1e-3)
+        fit = trainer(tmp_path / str(fused), max_steps=3)
+        fit.fit(module, datamodule=dm)
+        assert bool(fit.optimizers[0].param_groups[0]["fused"]) is fused
+        weights[fused] = {n: p.detach().clone() for n, p in module.named_parameters()}
+    for name, weight in weights[False].items():
+        torch.testing.assert_close(weights[True][name], weight, rtol=1e-5, atol=1e-6, msg=name)
