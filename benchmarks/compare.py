@@ -297,13 +297,17 @@ LEVERS = {
     "chunked_output_layer": "output layer + log-softmax a chunk of positions at a time (else `logits_to_keep`)",
     "within_example_attention": "attention inside each packed example (else sdpa under the block mask)",
     "fused_adamw": "fused AdamW step (else the foreach implementation)",
+    "concatenated_forward": "DPO: chosen and rejected rows in one forward (else one forward for each)",
+    "no_grad_reference": "DPO: the reference's forward under no-grad (else with autograd on)",
 }
+SHARED_LEVERS = [lever for lever in LEVERS if not LEVERS[lever].startswith("DPO:")]
 OPTIONS = {
     "gradient_checkpointing": "activation checkpointing (`gradient_checkpointing=True`)",
     "precomputed_reference": "reference log-probs precomputed before training (`precompute_ref_logps=True`)",
+    "compile": "each decoder layer compiled (`torch.compile`, dynamic shapes)",
 }
 LEVER_RUNS = [  # (method, adapter, variants)
-    ("sft", "none", list(LEVERS) + ["+gradient_checkpointing"]),
+    ("sft", "none", list(SHARED_LEVERS) + ["+gradient_checkpointing", "+compile"]),
     ("reward", "none", ["padding_free", "within_example_attention", "fused_adamw"]),
     ("dpo", "none", list(LEVERS) + ["+precomputed_reference"]),
     ("dpo", "lora", ["padding_free", "response_positions_only", "chunked_output_layer", "+gradient_checkpointing"]),
@@ -316,7 +320,7 @@ def apply_variant(variant: str, method: str) -> dict:
 
     import torch
 
-    from lightning_align.modules import base, sft
+    from lightning_align.modules import base, dpo, reference, sft
 
     if variant == "padding_free":
         return {"padding_free": False}
@@ -324,6 +328,17 @@ def apply_variant(variant: str, method: str) -> dict:
         return {"gradient_checkpointing": True}
     if variant == "+precomputed_reference":
         return {"precompute_ref_logps": True}
+    if variant == "+compile":
+        configure_model = base.AlignModule.configure_model
+
+        def with_compiled_layers(self):
+            configure_model(self)
+            model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            for layer in model.model.layers:
+                layer.compile(dynamic=True)
+
+        base.AlignModule.configure_model = with_compiled_layers
+        return {}
     if variant in ("chunked_output_layer", "response_positions_only"):
         base.PLAIN_OUTPUT_LAYER_MODELS.clear()  # no model qualifies for the chunked output layer
         if variant == "response_positions_only":
@@ -338,6 +353,24 @@ def apply_variant(variant: str, method: str) -> dict:
                 super().__init__(*args, **kwargs)
 
         torch.optim.AdamW = UnfusedAdamW
+    elif variant == "concatenated_forward":
+        one_forward = dpo.response_logps
+
+        def forward_per_half(model, batch, *args, **kwargs):
+            halves = zip(*(batch[key].chunk(2) for key in ("input_ids", "attention_mask", "labels")))
+            keys = ("input_ids", "attention_mask", "labels")
+            return torch.cat([one_forward(model, dict(zip(keys, half)), *args, **kwargs) for half in halves])
+
+        dpo.response_logps = forward_per_half
+    elif variant == "no_grad_reference":
+        no_grad_call = reference.Reference.__call__
+
+        @contextlib.contextmanager
+        def with_autograd(self, policy):
+            with no_grad_call(self, policy) as network, torch.enable_grad():
+                yield network
+
+        reference.Reference.__call__ = with_autograd
     elif variant:
         raise ValueError(f"unknown variant {variant!r}")
     return {}

@@ -143,10 +143,15 @@ class _OutputLayerLogps(torch.autograd.Function):
                 rows = slice(start, start + chunk_size)
                 h, y = hidden[rows].to(mm), targets[rows]
                 z = (h @ w.T).to(acc)
-                lse[rows] = torch.logsumexp(z, -1)
-                logps[rows] = z.gather(-1, y[:, None]).squeeze(-1) - lse[rows]
+                target_logit = z.gather(-1, y[:, None]).squeeze(-1)
+                # One exp over the chunk, in place: it gives the log-sum-exp and, scaled, the softmax.
+                peak = z.amax(-1, keepdim=True)
+                e = z.sub_(peak).exp_()
+                total = e.sum(-1, keepdim=True)
+                lse[rows] = (peak + total.log()).squeeze(-1)
+                logps[rows] = target_logit - lse[rows]
                 if want_h or w_now:
-                    dz = _onehot_minus_softmax(z, lse[rows], y)  # d logp_i / d z_i, in place of the logits
+                    dz = e.mul_(-1 / total).scatter_add_(-1, y[:, None], torch.ones_like(e[:, :1]))  # d logp / d z
                     if want_h:
                         grad_h[rows] = dz.to(mm) @ w
                     if w_now:

@@ -181,6 +181,10 @@ class AlignModule(L.LightningModule):
         """False (after dropping the gradients, so the optimiser leaves every weight alone) when a gradient is not
         finite and the policy is "skip"."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
+        # One pass and one device sync: a NaN or inf makes the total norm non-finite. Only when it is (which
+        # finite but huge gradients can also cause, by overflow) is every gradient checked on its own.
+        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            return True
         if all(torch.isfinite(g).all() for g in grads):
             return True
         self.nonfinite_found("a gradient is not finite", batch_idx)

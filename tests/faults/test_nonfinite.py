@@ -67,3 +67,17 @@ def test_a_non_finite_gradient_is_dropped_so_no_weight_moves(tiny_model, plain_t
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="unknown nonfinite policy 'ignore'; valid: stop, skip"):
         SFTModule("any", nonfinite="ignore")
+
+
+def test_huge_but_finite_gradients_pass_the_check_and_one_nan_among_them_does_not(tiny_model):
+    module = SFTModule(tiny_model)
+    module.configure_model()
+    params = list(module.parameters())
+    for p in params:
+        p.grad = torch.full_like(p, 1e30)
+    # The check's first pass, the total norm, overflows here: the answer must come from the per-gradient check.
+    assert not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    assert module.gradients_finite()
+    params[-1].grad.view(-1)[-1] = float("nan")
+    with pytest.raises(FloatingPointError, match="a gradient is not finite at step 0"):
+        module.gradients_finite()
