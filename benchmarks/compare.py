@@ -320,7 +320,7 @@ def apply_variant(variant: str, method: str) -> dict:
 
     import torch
 
-    from lightning_align.modules import base, dpo, reference, sft
+    from lightning_align.modules import base, dpo, reference, reward, sft
 
     if variant == "padding_free":
         return {"padding_free": False}
@@ -346,6 +346,8 @@ def apply_variant(variant: str, method: str) -> dict:
                 module.accepts_logits_to_keep = lambda model: False
     elif variant == "within_example_attention":
         base.attention_within_examples = lambda model, inputs: contextlib.nullcontext({})
+        # Without the kernel, a batch packs into rows as long as its longest example, as on other attention.
+        dpo.attends_within_examples = reward.attends_within_examples = lambda model, device: False
     elif variant == "fused_adamw":
 
         class UnfusedAdamW(torch.optim.AdamW):
