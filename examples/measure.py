@@ -74,6 +74,7 @@ def measure(method: str, variant: str, steps: int = 8) -> dict:
         enable_model_summary=False,
         limit_val_batches=0,
         callbacks=[*adapter, StepTimer()],
+        default_root_dir=f"runs/measure/{method}-{variant}",  # the LoRA callbacks save their adapter here
     )
     trainer.fit(module, datamodule=dm)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
