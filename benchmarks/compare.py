@@ -297,19 +297,20 @@ LEVERS = {
     "chunked_output_layer": "output layer + log-softmax a chunk of positions at a time (else `logits_to_keep`)",
     "within_example_attention": "attention inside each packed example (else sdpa under the block mask)",
     "fused_adamw": "fused AdamW step (else the foreach implementation)",
+}
+DPO_LEVERS = {
     "concatenated_forward": "DPO: chosen and rejected rows in one forward (else one forward for each)",
     "no_grad_reference": "DPO: the reference's forward under no-grad (else with autograd on)",
 }
-SHARED_LEVERS = [lever for lever in LEVERS if not LEVERS[lever].startswith("DPO:")]
 OPTIONS = {
     "gradient_checkpointing": "activation checkpointing (`gradient_checkpointing=True`)",
     "precomputed_reference": "reference log-probs precomputed before training (`precompute_ref_logps=True`)",
     "compile": "each decoder layer compiled (`torch.compile`, dynamic shapes)",
 }
 LEVER_RUNS = [  # (method, adapter, variants)
-    ("sft", "none", list(SHARED_LEVERS) + ["+gradient_checkpointing", "+compile"]),
+    ("sft", "none", list(LEVERS) + ["+gradient_checkpointing", "+compile"]),
     ("reward", "none", ["padding_free", "within_example_attention", "fused_adamw"]),
-    ("dpo", "none", list(LEVERS) + ["+precomputed_reference"]),
+    ("dpo", "none", list(LEVERS) + list(DPO_LEVERS) + ["+precomputed_reference"]),
     ("dpo", "lora", ["padding_free", "response_positions_only", "chunked_output_layer", "+gradient_checkpointing"]),
 ]
 
@@ -359,8 +360,8 @@ def apply_variant(variant: str, method: str) -> dict:
         one_forward = dpo.response_logps
 
         def forward_per_half(model, batch, *args, **kwargs):
-            halves = zip(*(batch[key].chunk(2) for key in ("input_ids", "attention_mask", "labels")))
             keys = ("input_ids", "attention_mask", "labels")
+            halves = zip(*(batch[key].chunk(2) for key in keys))
             return torch.cat([one_forward(model, dict(zip(keys, half)), *args, **kwargs) for half in halves])
 
         dpo.response_logps = forward_per_half
@@ -432,11 +433,10 @@ def levers(peak: float, repeats: int) -> str:
 
 
 # ----- the comparison --------------------------------------------------------------------------------------------
-def compare(method: str, peft: str, peak: float, results: dict[tuple, dict]) -> dict:
-    results = {framework: results[framework, method, peft, ""] for framework in ("ours", "trl")}
-    for r in results.values():
+def compare(method: str, peft: str, peak: float, runs: dict[tuple, dict]) -> dict:
+    ours, theirs = runs["ours", method, peft, ""], runs["trl", method, peft, ""]
+    for r in (ours, theirs):
         r["mfu"] = r["model_flops_per_sec"] / peak
-    ours, theirs = results["ours"], results["trl"]
     return {
         "method": method,
         "peft": peft,
@@ -521,7 +521,7 @@ def main() -> None:
     peak = matmul_peak_flops()
     if args.levers:
         text = levers(peak, args.repeats)
-        legend = "\n".join(f"- `{name}`: {what}" for name, what in (LEVERS | OPTIONS).items())
+        legend = "\n".join(f"- `{name}`: {what}" for name, what in (LEVERS | DPO_LEVERS | OPTIONS).items())
         write_section("Levers", f"{machine_line(peak, '--levers', args.repeats)}\n\n{legend}\n\n{text}")
         return
     combinations = COMBINATIONS if args.all else [(args.method, args.peft)]

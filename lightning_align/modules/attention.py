@@ -51,11 +51,16 @@ AttentionInterface.register(WITHIN_EXAMPLES, within_examples_attention)
 AttentionMaskInterface.register(WITHIN_EXAMPLES, sdpa_mask)
 
 
+def unwrapped(model):
+    """The Hugging Face model inside a peft wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def attends_within_examples(model, device: torch.device) -> bool:
     """Whether the attention of packed rows costs only each example's own (so examples may share one row at no
     cost): this module's kernel (sdpa attention, on a CPU, no activation checkpointing, which would recompute
     the layers outside `attention_within_examples`) or Hugging Face's variable-length flash attention."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     implementation = getattr(getattr(base, "config", None), "_attn_implementation", None) or ""
     if implementation.startswith("flash_attention"):
         return True
@@ -70,7 +75,7 @@ def attention_within_examples(model, inputs: dict) -> Iterator[dict]:
     Yields no arguments, and leaves the model as it is, unless the model uses sdpa attention on a CPU and no
     activation checkpointing (`attends_within_examples`).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     packed = "position_ids" in inputs and inputs.get("attention_mask") is None
     sdpa = getattr(getattr(base, "config", None), "_attn_implementation", None) == "sdpa"
     if not (packed and sdpa and attends_within_examples(model, inputs["input_ids"].device)):

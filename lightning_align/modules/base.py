@@ -16,7 +16,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_align.modules.attention import attention_within_examples
+from lightning_align.modules.attention import attention_within_examples, unwrapped
 
 
 class ModelAdapter:
@@ -280,7 +280,7 @@ def last_hidden_state(body: nn.Module, model: nn.Module, batch: dict) -> torch.T
 
 def accepts_logits_to_keep(model) -> bool:
     """Whether the model can apply its output layer at chosen positions only (Hugging Face's `logits_to_keep`)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     return forward_takes_logits_to_keep(type(base))
 
 
@@ -299,7 +299,7 @@ SHARDING_STRATEGIES = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrate
 def body_and_output_weight(model) -> tuple[nn.Module, torch.Tensor] | None:
     """The transformer body (to the last hidden state, LoRA layers included) and the output layer's weight of a
     Hugging Face causal LM whose logits are `hidden @ weight.T` and nothing more, or None for any other model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     config = getattr(base, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_OUTPUT_LAYER_MODELS:
         return None

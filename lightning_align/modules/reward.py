@@ -10,7 +10,7 @@ from lightning_align.data.collate import pack_padded, pad_collate, right_padded
 from lightning_align.data.sources import Row
 from lightning_align.data.tokenize import adds_bos, encode_segments
 from lightning_align.losses import pairwise_reward_loss
-from lightning_align.modules.attention import attends_within_examples
+from lightning_align.modules.attention import attends_within_examples, unwrapped
 from lightning_align.modules.base import AlignModule, last_hidden_state
 
 
@@ -105,7 +105,7 @@ class RewardModule(AlignModule):
 def body_and_score_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """The transformer body and the `score` head of a Hugging Face sequence classifier (LoRA layers included),
     or None for other models."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     body = getattr(base, "base_model", None)
     head = getattr(base, "score", None)
     if body is None or body is base or head is None or not type(base).__name__.endswith("ForSequenceClassification"):

@@ -209,8 +209,6 @@ def test_adamw_is_fused_except_under_mixed_precision(tiny_model, plain_task_file
 
 
 def test_fused_adamw_steps_equal_the_foreach_implementation(tiny_model, plain_task_files, tmp_path, monkeypatch):
-    from tests.conftest import trainer
-
     class ForeachAdamW(torch.optim.AdamW):
         def __init__(self, *args, fused=None, **kwargs):
             super().__init__(*args, **kwargs)
