@@ -42,6 +42,32 @@ def packed_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
     }
 
 
+def is_packed(batch: dict) -> bool:
+    """Whether a batch is packed rows: `position_ids` and no attention mask."""
+    return "position_ids" in batch and batch.get("attention_mask") is None
+
+
+def example_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """(start, end) of each example in each packed row: an example starts wherever the position restarts at 0."""
+    spans = []
+    for row in position_ids.tolist():
+        starts = [i for i, position in enumerate(row) if position == 0 or i == 0] + [len(row)]
+        spans.append(list(zip(starts[:-1], starts[1:])))
+    return spans
+
+
+def unpack(batch: dict, pad_token_id: int = 0, limit: int | None = None) -> dict[str, torch.Tensor]:
+    """A packed batch's examples (the first `limit` of them) as a right-padded batch, for models that cannot
+    score packed rows. Each example's first label is -100 in either form: no position of its own predicts it."""
+    examples = [
+        {"input_ids": batch["input_ids"][row, a:b].tolist(), "labels": batch["labels"][row, a:b].tolist()}
+        for row, spans in enumerate(example_spans(batch["position_ids"]))
+        for a, b in spans
+    ][:limit]
+    padded = pad_collate(examples, pad_token_id)
+    return {key: value.to(batch["input_ids"].device) for key, value in padded.items()}
+
+
 def pack_padded(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,

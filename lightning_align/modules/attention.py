@@ -13,38 +13,63 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from lightning_align.data.collate import example_spans as packed_examples
+
 WITHIN_EXAMPLES = "lightning_align_within_examples"
 
 
-def packed_examples(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """(start, end) of each example in each packed row: an example starts wherever the position restarts at 0."""
-    spans = []
-    for row in position_ids.tolist():
-        starts = [i for i, position in enumerate(row) if position == 0 or i == 0] + [len(row)]
-        spans.append(list(zip(starts[:-1], starts[1:])))
-    return spans
-
-
-def within_examples_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def within_examples_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None, **kwargs
+):
     """Hugging Face attention-interface function: causal attention inside each example of `packed_examples`
-    (passed down from the model's forward), or sdpa attention when none are given."""
+    (passed down from the model's forward), or sdpa attention when none are given.
+
+    Honours what the model's own attention applies on top of causal attention: a sliding window (a band on the
+    causal mask, as Hugging Face's masks: key k is seen from query q when q - window < k <= q) and tanh
+    soft-capping of the scores. Anything else it does not know of is refused, never dropped."""
     spans = kwargs.pop("packed_examples", None)
     if spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    unknown = [name for name in UNHONOURED_ATTENTION_ARGUMENTS if kwargs.get(name) is not None]
+    if unknown or getattr(module, "sinks", None) is not None:
+        raise NotImplementedError(f"packed attention does not apply {unknown or ['sinks']}: score this model padded")
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
     rows = []
     for row, row_spans in enumerate(spans):
         q, k, v = query[row : row + 1], key[row : row + 1], value[row : row + 1]
         parts = [
-            F.scaled_dot_product_attention(
-                q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout, is_causal=True, scale=scaling
-            )
+            example_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout, scaling, sliding_window, softcap)
             for a, b in row_spans
         ]
         rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+# Arguments some Hugging Face attention modules pass that change the result and that this kernel does not apply.
+UNHONOURED_ATTENTION_ARGUMENTS = ("s_aux", "sinks", "attention_chunk_size", "chunk_size")
+
+
+def example_attention(q, k, v, dropout: float, scaling: float, sliding_window: int | None, softcap: float | None):
+    """Causal attention over one example [1, heads, length, head_dim], within a window and soft-capped if asked."""
+    length = q.shape[2]
+    if softcap is None and (sliding_window is None or sliding_window >= length):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+    position = torch.arange(length, device=q.device)
+    seen = position[None, :] <= position[:, None]
+    if sliding_window is not None:
+        seen &= position[None, :] > position[:, None] - sliding_window
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=seen, dropout_p=dropout, scale=scaling)
+    # As the models' own eager attention: scale, cap, mask, softmax in float32.
+    scores = torch.tanh(torch.matmul(q, k.transpose(2, 3)) * scaling / softcap) * softcap
+    scores = scores.masked_fill(~seen, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0)
+    return torch.matmul(weights, v)
 
 
 AttentionInterface.register(WITHIN_EXAMPLES, within_examples_attention)
@@ -68,7 +93,7 @@ def attends_within_examples(model, device: torch.device) -> bool:
 
 
 @contextmanager
-def attention_within_examples(model, inputs: dict) -> Iterator[dict]:
+def attention_within_examples(model, inputs: dict, enabled: bool = True) -> Iterator[dict]:
     """Extra forward arguments under which the attention of a packed batch (`position_ids` restarting at each
     example, no attention mask) stays inside each example, for the forward passes run in this context.
 
@@ -78,7 +103,7 @@ def attention_within_examples(model, inputs: dict) -> Iterator[dict]:
     base = unwrapped(model)
     packed = "position_ids" in inputs and inputs.get("attention_mask") is None
     sdpa = getattr(getattr(base, "config", None), "_attn_implementation", None) == "sdpa"
-    if not (packed and sdpa and attends_within_examples(model, inputs["input_ids"].device)):
+    if not (enabled and packed and sdpa and attends_within_examples(model, inputs["input_ids"].device)):
         yield {}
         return
     base.config._attn_implementation = WITHIN_EXAMPLES

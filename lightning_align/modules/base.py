@@ -3,8 +3,6 @@ throughput logging and export in Hugging Face format."""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import time
 from functools import cached_property
@@ -16,7 +14,9 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_align.data.collate import pack_padded, right_padded
 from lightning_align.modules.attention import attention_within_examples, unwrapped
+from lightning_align.modules.scoring import ScoringPlan, output_weight
 
 
 class ModelAdapter:
@@ -37,6 +37,17 @@ class ModelAdapter:
 
 
 NONFINITE_POLICIES = ("stop", "skip")
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere in `model`: dropout layers (LoRA's included) and the dropout rates that Hugging Face
+    attention modules keep as plain numbers. The model's config is left as it is, so exports keep their rates."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def load_pretrained(name_or_path: str, auto_class: type, **kwargs) -> nn.Module:
@@ -264,75 +275,76 @@ class AlignModule(L.LightningModule):
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
-def causal_lm_logits(model, batch: dict) -> torch.Tensor:
+def model_inputs(batch: dict) -> dict:
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
+
+
+def causal_lm_logits(model, batch: dict, within_examples: bool = False) -> torch.Tensor:
     # No KV cache in training: it is unused, and packed rows are recognised only without one.
-    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-    with attention_within_examples(model, inputs) as extra:
+    inputs = model_inputs(batch)
+    with attention_within_examples(model, inputs, within_examples) as extra:
         return model(**inputs, **extra, use_cache=False).logits
 
 
-def last_hidden_state(body: nn.Module, model: nn.Module, batch: dict) -> torch.Tensor:
-    """The body's output on a batch's model inputs (`body_and_output_weight`, `body_and_score_head`)."""
-    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-    with attention_within_examples(model, inputs) as extra:
+def last_hidden_state(body: nn.Module, model: nn.Module, batch: dict, within_examples: bool = False) -> torch.Tensor:
+    """The body's output on a batch's model inputs (the chunked output layer, a reward model's score head)."""
+    inputs = model_inputs(batch)
+    with attention_within_examples(model, inputs, within_examples) as extra:
         return body(**inputs, **extra, use_cache=False).last_hidden_state
 
 
-def accepts_logits_to_keep(model) -> bool:
-    """Whether the model can apply its output layer at chosen positions only (Hugging Face's `logits_to_keep`)."""
+def body_of(model: nn.Module) -> nn.Module:
+    """The transformer body of a Hugging Face model (to the last hidden state, LoRA layers included)."""
     base = unwrapped(model)
-    return forward_takes_logits_to_keep(type(base))
+    return getattr(base, "base_model", base)
 
 
-@functools.cache
-def forward_takes_logits_to_keep(model_class: type) -> bool:
-    # Asked on every training step: look at the signature once per model class.
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
-# Model types whose logits are exactly `output layer (last hidden state)`: no scaling or soft-capping after it.
-PLAIN_OUTPUT_LAYER_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2", "gpt_neox", "olmo2"}
 # Strategies that shard weights: the output layer's weight is whole only inside the model's own forward.
 SHARDING_STRATEGIES = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}
 
 
-def body_and_output_weight(model) -> tuple[nn.Module, torch.Tensor] | None:
-    """The transformer body (to the last hidden state, LoRA layers included) and the output layer's weight of a
-    Hugging Face causal LM whose logits are `hidden @ weight.T` and nothing more, or None for any other model."""
-    base = unwrapped(model)
-    config = getattr(base, "config", None)
-    if getattr(config, "model_type", None) not in PLAIN_OUTPUT_LAYER_MODELS:
-        return None
-    body, head = getattr(base, "base_model", base), base.get_output_embeddings()
-    if body is base or type(head) is not nn.Linear or head.bias is not None:
-        return None
-    return body, head.weight
-
-
-def scored_token_logps(model, batch: dict, chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def scored_token_logps(
+    model, batch: dict, output_layer: str = "full", within_examples: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(label_t | prefix) at every scored position of a causal LM's batch, in row-major order [K], and the
     scored positions (`labels[:, 1:] != -100`, [batch, seq-1]).
 
-    The output layer is applied at the scored positions only: with `chunked` and a model that allows it
-    (`body_and_output_weight`), a chunk of positions at a time from the body's hidden states
-    (`output_layer_logps`), so the [positions, vocab] logits are never held; else through Hugging Face's
-    `logits_to_keep`; else (models without it) over the full logits."""
+    `output_layer` (see `ScoringPlan`): "chunked" applies the output layer at the scored positions only, a chunk
+    of them at a time from the body's hidden states (`output_layer_logps`), so the [positions, vocab] logits are
+    never held; "logits_to_keep" at the scored positions through the model's own forward; "full" everywhere."""
     from lightning_align.losses import output_layer_logps, predicting_positions, token_logps, token_logps_at
 
     labels = batch["labels"]
     scored = labels[:, 1:] != -100
-    split = body_and_output_weight(model) if chunked else None
-    if split is not None:
-        body, weight = split
-        hidden = last_hidden_state(body, model, batch)
-        return output_layer_logps(hidden[:, :-1][scored], weight, labels[:, 1:][scored]), scored
-    if not accepts_logits_to_keep(model):
-        logps, _ = token_logps(causal_lm_logits(model, batch), labels)
+    if output_layer == "chunked":
+        hidden = last_hidden_state(body_of(model), model, batch, within_examples)
+        return output_layer_logps(hidden[:, :-1][scored], output_weight(model), labels[:, 1:][scored]), scored
+    if output_layer == "full":
+        logps, _ = token_logps(causal_lm_logits(model, batch, within_examples), labels)
         return logps[scored], scored
-    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-    with attention_within_examples(model, inputs) as extra:
+    inputs = model_inputs(batch)
+    with attention_within_examples(model, inputs, within_examples) as extra:
         logits = model(**inputs, **extra, use_cache=False, logits_to_keep=predicting_positions(labels)).logits
     return token_logps_at(logits, labels), scored
+
+
+def plan_token_logps(model, batch: dict, plan: ScoringPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per scored token of a padded (or already packed) batch: log-probs [K] and the batch row of each [K], each
+    row's tokens in order. A packing plan scores a right-padded batch's rows packed without their padding."""
+    labels = batch["labels"]
+    if plan.packed and "attention_mask" in batch and right_padded(batch["attention_mask"]):
+        packed = pack_padded(batch["input_ids"], batch["attention_mask"], labels, one_row=plan.packing == "one_row")
+        packed_batch = {key: packed[key] for key in ("input_ids", "position_ids", "labels")}
+        logps, scored = scored_token_logps(model, packed_batch, plan.output_layer, plan.packing == "one_row")
+        return logps, packed["example"][:, 1:][scored]
+    logps, scored = scored_token_logps(model, batch, plan.output_layer, plan.packing == "one_row")
+    return logps, scored.nonzero()[:, 0]
+
+
+def in_row_order(logps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per-token values sorted by batch row (stable, so each row's tokens stay in order): as a padded batch lists
+    them, whichever layout scored them."""
+    return logps[torch.sort(rows, stable=True).indices]
 
 
 def real_tokens(batch: dict) -> int:

@@ -7,17 +7,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lightning_align.data.collate import pack_padded, right_padded
 from lightning_align.losses import (
     DPO_LOSS_TYPES,
     dpo_loss,
     simpo_loss,
 )
-from lightning_align.modules.attention import attends_within_examples
-from lightning_align.modules.base import (
-    AlignModule,
-    scored_token_logps,
-)
+from lightning_align.modules.base import AlignModule, disable_dropout, in_row_order, plan_token_logps
 from lightning_align.modules.ref_cache import (
     RefLogpsCache,
     examples_fingerprint,
@@ -26,6 +21,7 @@ from lightning_align.modules.ref_cache import (
     weights_fingerprint,
 )
 from lightning_align.modules.reference import Reference, frozen
+from lightning_align.modules.scoring import CHECKED_ROWS, SAFE_PLAN, Scoring, ScoringPlan
 
 PREFERENCE_METRICS = (
     "loss",
@@ -39,32 +35,19 @@ PREFERENCE_METRICS = (
 
 
 def chosen_rejected_logps(
-    model: nn.Module, batch: dict, average: bool = False, chunked: bool = True, padding_free: bool = True
+    model: nn.Module, batch: dict, average: bool = False, plan: ScoringPlan = SAFE_PLAN
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs of the chosen and rejected halves of a preference batch, from one forward pass."""
-    return response_logps(model, batch, average, chunked, padding_free).chunk(2)
+    return response_logps(model, batch, average, plan).chunk(2)
 
 
-def response_logps(
-    model: nn.Module, batch: dict, average: bool = False, chunked: bool = True, padding_free: bool = True
-) -> torch.Tensor:
-    """Per-row sequence log-probs, the output layer applied at the scored positions only (`scored_token_logps`,
-    a chunk of positions at a time when `chunked` and the model allows it). With `padding_free`, a right-padded
-    batch's rows are scored packed together without their padding (`pack_padded`)."""
+def response_logps(model: nn.Module, batch: dict, average: bool = False, plan: ScoringPlan = SAFE_PLAN) -> torch.Tensor:
+    """Per-row sequence log-probs, scored as `plan` says (`plan_token_logps`); by default by the model's own
+    padded forward."""
     labels = batch["labels"]
-    if padding_free and "attention_mask" in batch and right_padded(batch["attention_mask"]):
-        one_row = attends_within_examples(model, labels.device)
-        packed = pack_padded(batch["input_ids"], batch["attention_mask"], labels, one_row=one_row)
-        logps, scored = scored_token_logps(model, {key: packed[key] for key in PACKED_INPUTS}, chunked)
-        rows = packed["example"][:, 1:][scored]
-    else:
-        logps, scored = scored_token_logps(model, batch, chunked)
-        rows = scored.nonzero()[:, 0]
+    logps, rows = plan_token_logps(model, batch, plan)
     sums = torch.zeros(len(labels), dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
     return sums / (labels[:, 1:] != -100).sum(-1).clamp(min=1) if average else sums
-
-
-PACKED_INPUTS = ("input_ids", "position_ids", "labels")
 
 
 class DPOModule(AlignModule):
@@ -85,9 +68,14 @@ class DPOModule(AlignModule):
             `precompute_ref_logps`). They are reused only if the data, the reference's weights, the tokenizer,
             `max_length` and the truncation are unchanged; otherwise, or if the file is damaged, they are
             recomputed and the log says why.
-        padding_free: score a batch's rows packed together without their padding (`pack_padded`), for the
-            policy and the reference; the log-probs equal the padded forward's. Used where the output layer is
-            applied a chunk at a time (Llama-like Hugging Face models, weights not sharded).
+        padding_free: allow scoring a batch's rows packed together without their padding (`pack_padded`), for
+            the policy and the reference, where the model's attention allows it (see `scoring_check`).
+        scoring_check: how the fast scoring path is trusted (`Scoring`): "fallback" (default) compares it with
+            the model's own padded forward on the first batch and takes a safer path where they differ, "error"
+            stops instead, "off" trusts the families of the architecture grid only. One log line says which path
+            each network takes.
+        disable_dropout: switch dropout off in the policy (and so the reference), as TRL does for DPO: with it
+            on, the policy's log-probs are noisy and the first loss is not log 2.
         Other arguments as `AlignModule`.
 
     The reference is picked automatically and reported at start: with a LoRA / QLoRA callback, the same network
@@ -106,6 +94,8 @@ class DPOModule(AlignModule):
         precompute_ref_logps: bool = False,
         ref_cache_dir: str | None = None,
         padding_free: bool = True,
+        scoring_check: str = "fallback",
+        disable_dropout: bool = True,
         **kwargs,
     ):
         if loss_type not in DPO_LOSS_TYPES + ("simpo",):
@@ -119,6 +109,8 @@ class DPOModule(AlignModule):
         self.ref_model_path = ref_model
         self.ref_cache_dir = ref_cache_dir
         self.padding_free = padding_free
+        self.scoring = Scoring(scoring_check)
+        self.disable_dropout = disable_dropout
         self.precompute_ref_logps = (precompute_ref_logps or ref_cache_dir is not None) and loss_type != "simpo"
         self.reference: Reference | None = None
         self.val_metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in PREFERENCE_METRICS})
@@ -133,6 +125,8 @@ class DPOModule(AlignModule):
 
     def configure_model(self) -> None:
         super().configure_model()
+        if self.disable_dropout:
+            disable_dropout(self.model)
         if self.reference is None and not self.reference_free:
             explicit = None if self.ref_model_path is None else frozen(self.load_model(self.ref_model_path))
             self.reference = Reference(self.model, explicit)
@@ -204,16 +198,25 @@ class DPOModule(AlignModule):
             "truncation": str(getattr(datamodule, "truncation", "")),
         }
 
+    def scoring_plan(self, model: nn.Module, batch: dict) -> ScoringPlan:
+        """How `model` scores batches: decided (and checked on a few rows of this batch) at the first one."""
+        rows = {key: batch[key][:CHECKED_ROWS] for key in ("input_ids", "attention_mask", "labels")}
+        return self.scoring.plan(
+            model,
+            lambda plan: in_row_order(*plan_token_logps(model, rows, plan)),
+            batch["input_ids"].device,
+            sharded=self.weights_sharded,
+            packing=self.padding_free,
+        )
+
     def sequence_logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return response_logps(model, batch, chunked=not self.weights_sharded, padding_free=self.padding_free)
+        return response_logps(model, batch, plan=self.scoring_plan(model, batch))
 
     def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in batch:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         with self.reference(self.model) as reference:
-            return chosen_rejected_logps(
-                reference, batch, chunked=not self.weights_sharded, padding_free=self.padding_free
-            )
+            return chosen_rejected_logps(reference, batch, plan=self.scoring_plan(reference, batch))
 
     def preference_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loss and metrics of a batch, per example."""

@@ -10,7 +10,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lightning_align.losses import gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
-from lightning_align.modules.base import AlignModule
+from lightning_align.modules.base import AlignModule, disable_dropout
 from lightning_align.modules.reference import Reference
 from lightning_align.modules.rewards import RewardFunction, checked_scores, resolve_reward
 
@@ -74,6 +74,8 @@ class PPOModule(AlignModule):
             per token and, on a small batch, overall; k3's is never negative.
         whiten_scores, score_clip, missing_eos_penalty: score normalisation over the batch, clipping to
             [-score_clip, score_clip], and a penalty subtracted from completions that did not end with EOS.
+        disable_dropout: switch dropout off in the policy and critic (as TRL does), so the rollout's log-probs,
+            the learning passes' and the reference's agree; the reference runs in eval mode either way.
         Other arguments as `AlignModule`.
 
     The reference is the adapter-disabled policy under LoRA / QLoRA, else a frozen copy of the starting policy.
@@ -105,6 +107,7 @@ class PPOModule(AlignModule):
         score_clip: float | None = None,
         missing_eos_penalty: float | None = None,
         max_grad_norm: float | None = 1.0,
+        disable_dropout: bool = True,
         **kwargs,
     ):
         super().__init__(policy, **kwargs)
@@ -118,6 +121,7 @@ class PPOModule(AlignModule):
         self.kl_estimator = kl_estimator
         self.whiten_scores, self.score_clip, self.missing_eos_penalty = whiten_scores, score_clip, missing_eos_penalty
         self.max_grad_norm = max_grad_norm
+        self.disable_dropout = disable_dropout
         self.critic_source = critic
         self.critic: nn.Module | None = None
         self.value_head: nn.Linear | None = None
@@ -130,6 +134,10 @@ class PPOModule(AlignModule):
         super().configure_model()
         if self.critic_source is not None and self.critic is None:
             self.critic = load_critic(self.critic_source, self.model.config.vocab_size)
+        if self.disable_dropout:
+            for network in (self.model, self.critic):
+                if network is not None:
+                    disable_dropout(network)
         if self.critic_source is None and self.value_head is None:
             self.value_head = nn.Linear(self.model.config.hidden_size, 1)
             nn.init.zeros_(self.value_head.weight)

@@ -22,6 +22,18 @@ def frozen(model: nn.Module) -> nn.Module:
 START_ADAPTER = "start"  # the adapter name the LoRA callbacks give a frozen copy of a continued start adapter
 
 
+@contextmanager
+def eval_mode(model: nn.Module):
+    """`model` in eval mode for the context, each submodule's own mode restored after."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 class Reference:
     """pi_ref for a policy: the model the stage started from, or an explicit other model.
 
@@ -57,8 +69,9 @@ class Reference:
 
     @contextmanager
     def __call__(self, policy: nn.Module):
-        """The reference network, in a no-grad context."""
-        with torch.no_grad():
+        """The reference network, in a no-grad context and in eval mode (deterministic: no dropout, whatever the
+        policy's settings)."""
+        with torch.no_grad(), eval_mode(policy):
             if self.start_adapter:
                 policy.set_adapter(START_ADAPTER, inference_mode=True)
                 try:

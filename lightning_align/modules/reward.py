@@ -10,8 +10,9 @@ from lightning_align.data.collate import pack_padded, pad_collate, right_padded
 from lightning_align.data.sources import Row
 from lightning_align.data.tokenize import adds_bos, encode_segments
 from lightning_align.losses import pairwise_reward_loss
-from lightning_align.modules.attention import attends_within_examples, unwrapped
-from lightning_align.modules.base import AlignModule, last_hidden_state
+from lightning_align.modules.attention import unwrapped
+from lightning_align.modules.base import AlignModule, disable_dropout, last_hidden_state
+from lightning_align.modules.scoring import CHECKED_ROWS, Scoring, ScoringPlan
 
 
 class RewardModule(AlignModule):
@@ -23,19 +24,34 @@ class RewardModule(AlignModule):
     r+ > r-) and `val/margin` (mean r+ - r-).
 
     Args:
-        padding_free: score the batch's rows packed together without their padding (`pack_padded`), with the
-            score head applied at each row's last token; the rewards equal the padded forward's. Used when the
-            model is a Hugging Face sequence classifier with a `score` head and the batch is right-padded.
+        padding_free: allow scoring the batch's rows packed together without their padding (`pack_padded`), with
+            the score head applied at each row's last token, where the model allows it (a Hugging Face sequence
+            classifier with a `score` head whose attention packs; see `scoring_check`).
+        scoring_check, disable_dropout: as `DPOModule` (dropout makes the chosen and rejected scores noisy).
         others: as `AlignModule`.
     """
 
     auto_class_name = "AutoModelForSequenceClassification"
     trained_heads = ("score",)  # trained in full and saved alongside a LoRA adapter
 
-    def __init__(self, model: str | nn.Module, padding_free: bool = True, **kwargs):
+    def __init__(
+        self,
+        model: str | nn.Module,
+        padding_free: bool = True,
+        scoring_check: str = "fallback",
+        disable_dropout: bool = True,
+        **kwargs,
+    ):
         super().__init__(model, **kwargs)
         self.padding_free = padding_free
+        self.scoring = Scoring(scoring_check)
+        self.disable_dropout = disable_dropout
         self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.disable_dropout:
+            disable_dropout(self.model)
 
     def load_model(self, name_or_path: str | None = None, **kwargs) -> nn.Module:
         kwargs.setdefault("num_labels", 1)
@@ -46,16 +62,18 @@ class RewardModule(AlignModule):
 
     def rewards(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of the chosen and rejected halves of a preference batch, from one forward pass."""
-        body_and_head = body_and_score_head(self.model)
-        if self.padding_free and body_and_head is not None and right_padded(batch["attention_mask"]):
-            body, head = body_and_head
-            one_row = attends_within_examples(self.model, batch["input_ids"].device)
-            packed = pack_padded(batch["input_ids"], batch["attention_mask"], one_row=one_row)
-            hidden = last_hidden_state(body, self.model, {key: packed[key] for key in ("input_ids", "position_ids")})
-            last_hidden = hidden.flatten(0, 1)[packed["last"]]
-            return head(last_hidden).squeeze(-1).float().chunk(2)
-        scores = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        return scores.logits.squeeze(-1).float().chunk(2)
+        return batch_rewards(self.model, batch, self.scoring_plan(batch)).float().chunk(2)
+
+    def scoring_plan(self, batch: dict) -> ScoringPlan:
+        rows = {key: batch[key][:CHECKED_ROWS] for key in ("input_ids", "attention_mask")}
+        packing = self.padding_free and body_and_score_head(self.model) is not None
+        return self.scoring.plan(
+            self.model,
+            lambda plan: batch_rewards(self.model, rows, plan),
+            batch["input_ids"].device,
+            sharded=self.weights_sharded,
+            packing=packing,
+        )
 
     def training_step(self, batch, batch_idx):
         chosen, rejected = self.rewards(batch)
@@ -100,6 +118,21 @@ class RewardModule(AlignModule):
             out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
             scores.append(out.logits.squeeze(-1).float())
         return torch.cat(scores)
+
+
+def batch_rewards(model: nn.Module, batch: dict, plan: ScoringPlan) -> torch.Tensor:
+    """The reward of each row of a padded batch [batch]: with a packing plan (and a right-padded batch), from the
+    rows packed without their padding, the score head applied at each row's last token; else by the model's own
+    forward."""
+    if plan.packed and right_padded(batch["attention_mask"]):
+        body, head = body_and_score_head(model)
+        one_row = plan.packing == "one_row"
+        packed = pack_padded(batch["input_ids"], batch["attention_mask"], one_row=one_row)
+        inputs = {key: packed[key] for key in ("input_ids", "position_ids")}
+        hidden = last_hidden_state(body, model, inputs, within_examples=one_row)
+        return head(hidden.flatten(0, 1)[packed["last"]]).squeeze(-1)
+    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return scores.logits.squeeze(-1)
 
 
 def body_and_score_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:

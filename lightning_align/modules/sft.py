@@ -5,22 +5,28 @@ from __future__ import annotations
 import torch
 from torchmetrics import SumMetric
 
+from lightning_align.data.collate import is_packed, unpack
 from lightning_align.losses import output_layer_nll, predicting_positions, sft_loss, sft_loss_at, token_logps
+from lightning_align.modules.attention import attention_within_examples
 from lightning_align.modules.base import (
-    MODEL_INPUTS,
     AlignModule,
-    accepts_logits_to_keep,
-    body_and_output_weight,
+    body_of,
     causal_lm_logits,
+    in_row_order,
     last_hidden_state,
+    model_inputs,
+    plan_token_logps,
 )
+from lightning_align.modules.scoring import CHECKED_ROWS, Scoring, ScoringPlan, output_weight
 
 
 class SFTModule(AlignModule):
     """Supervised fine-tuning of a causal LM on batches of `input_ids`, `attention_mask`, `labels` (-100 unscored).
 
-    Trains from `SFTDataModule` or any DataLoader of such dicts. Logs `train/loss`, `val/loss`,
-    `val/perplexity` (token-weighted over the whole validation set) and `train/tokens_per_sec`.
+    Trains from `SFTDataModule` or any DataLoader of such dicts (or of packed rows: `input_ids`, `labels`,
+    `position_ids` restarting at 0 for each example, no attention mask). `scoring_check` as `DPOModule`'s.
+    Logs `train/loss`, `val/loss`, `val/perplexity` (token-weighted over the whole validation set) and
+    `train/tokens_per_sec`.
 
     Every scored token weighs the same in an optimiser step, however the step's tokens are split over
     accumulated micro-batches and processes: each micro-batch backpropagates its summed NLL (over a fixed scale),
@@ -30,33 +36,55 @@ class SFTModule(AlignModule):
     # Keeps a summed loss's gradient in the range of a mean's; it cancels out before the optimiser step.
     GRADIENT_SCALE_TOKENS = 1024
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, scoring_check: str = "fallback", **kwargs):
         super().__init__(*args, **kwargs)
+        self.scoring = Scoring(scoring_check)
         self.val_nll = SumMetric()
         self.val_tokens = SumMetric()
         self.step_tokens = 0
 
     def loss(self, batch: dict) -> torch.Tensor:
+        """`sft_loss` by the model's own forward (full logits), for checks and tests."""
+        if is_packed(batch) and not self.scoring_plan(batch).packed:
+            batch = unpack(batch)
         return sft_loss(causal_lm_logits(self.model, batch), batch["labels"])
 
+    def scoring_plan(self, batch: dict) -> ScoringPlan:
+        """How the model scores batches: decided (and checked on a few of this batch's rows) at the first one."""
+        if is_packed(batch):
+            rows = unpack(batch, limit=CHECKED_ROWS)
+        else:
+            rows = {key: batch[key][:CHECKED_ROWS] for key in ("input_ids", "attention_mask", "labels")}
+        return self.scoring.plan(
+            self.model,
+            lambda plan: in_row_order(*plan_token_logps(self.model, rows, plan)),
+            batch["input_ids"].device,
+            sharded=self.weights_sharded,
+        )
+
     def scored_loss(self, batch: dict, num_scored_tokens=None) -> torch.Tensor:
-        """`sft_loss`, with the output layer applied at the scored positions only: a chunk of them at a time with
-        the gradients formed in the same pass (`output_layer_nll`) when the model allows it, else through Hugging
-        Face's `logits_to_keep`. Prompt positions never reach the [vocab]-wide logits."""
-        split = None if self.weights_sharded else body_and_output_weight(self.model)
-        if split is not None:
-            body, weight = split
-            labels = batch["labels"]
-            hidden = last_hidden_state(body, self.model, batch)
+        """`sft_loss`, scored as the model's `ScoringPlan` says: packed batches stay packed only where the model's
+        attention allows it (else they are unpacked and padded); the output layer is applied at the scored
+        positions only, a chunk of them at a time with the gradients formed in the same pass (`output_layer_nll`)
+        where the model allows it, else through Hugging Face's `logits_to_keep`."""
+        plan = self.scoring_plan(batch)
+        if is_packed(batch) and not plan.packed:
+            batch = unpack(batch)
+        within = plan.packing == "one_row"
+        labels = batch["labels"]
+        if plan.output_layer == "chunked":
+            hidden = last_hidden_state(body_of(self.model), self.model, batch, within)
             scored = labels[:, 1:] != -100
             normaliser = scored.sum() if num_scored_tokens is None else num_scored_tokens
-            return output_layer_nll(hidden[:, :-1][scored], weight, labels[:, 1:][scored], normaliser)
-        if not accepts_logits_to_keep(self.model):
-            return sft_loss(causal_lm_logits(self.model, batch), batch["labels"], num_scored_tokens=num_scored_tokens)
-        keep = predicting_positions(batch["labels"])
-        inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-        logits = self.model(**inputs, use_cache=False, logits_to_keep=keep).logits
-        return sft_loss_at(logits, batch["labels"], num_scored_tokens=num_scored_tokens)
+            return output_layer_nll(
+                hidden[:, :-1][scored], output_weight(self.model), labels[:, 1:][scored], normaliser
+            )
+        if plan.output_layer == "full":
+            return sft_loss(causal_lm_logits(self.model, batch, within), labels, num_scored_tokens=num_scored_tokens)
+        inputs = model_inputs(batch)
+        with attention_within_examples(self.model, inputs, within) as extra:
+            logits = self.model(**inputs, **extra, use_cache=False, logits_to_keep=predicting_positions(labels)).logits
+        return sft_loss_at(logits, labels, num_scored_tokens=num_scored_tokens)
 
     def training_step(self, batch, batch_idx):
         scored = int((batch["labels"][:, 1:] != -100).sum())  # the first position is never predicted
@@ -92,7 +120,10 @@ class SFTModule(AlignModule):
         self.val_tokens.reset()
 
     def validation_step(self, batch, batch_idx):
-        logps, mask = token_logps(causal_lm_logits(self.model, batch), batch["labels"])
+        plan = self.scoring_plan(batch)
+        if is_packed(batch) and not plan.packed:
+            batch = unpack(batch)
+        logps, mask = token_logps(causal_lm_logits(self.model, batch, plan.packing == "one_row"), batch["labels"])
         self.val_nll.update(-logps.sum())
         self.val_tokens.update(mask.sum())
 

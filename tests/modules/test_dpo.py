@@ -139,23 +139,25 @@ def test_rpo_alpha_adds_the_mean_token_nll_of_the_chosen_responses(sft_model, ta
     torch.testing.assert_close(difference.double(), 0.5 * torch.stack(nll), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunked, padding_free", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize(
+    "packing, output_layer", [("one_row", "chunked"), ("rows", "chunked"), ("padded", "chunked"), ("one_row", "full")]
+)
 @pytest.mark.parametrize("adapter", [None, "lora"])
 def test_chunked_and_packed_logps_equal_the_padded_logits_path_with_gradients(
-    tiny_model, task_files, tmp_path, adapter, chunked, padding_free
+    tiny_model, task_files, tmp_path, adapter, packing, output_layer
 ):
-    from lightning_align.modules.base import body_and_output_weight
     from lightning_align.modules.dpo import response_logps
+    from lightning_align.modules.scoring import SAFE_PLAN, ScoringPlan, fastest_plan
     from tests.conftest import ready
 
     batch = preference_data(tiny_model, task_files).collate(preference_data(tiny_model, task_files).val_set[:8])
     module = ready(DPOModule(tiny_model), [LoRA(r=4)] if adapter else [], tmp_path)
-    assert body_and_output_weight(module.model) is not None  # the chunked path is there to be taken
+    assert fastest_plan(module.model, module.device) == ScoringPlan("one_row", "chunked")  # the default path
     assert batch["attention_mask"].sum() < batch["attention_mask"].numel()  # padding for packing to drop
     results = []
-    for options in ({"chunked": chunked, "padding_free": padding_free}, {"chunked": False, "padding_free": False}):
+    for plan in (ScoringPlan(packing, output_layer), SAFE_PLAN):
         module.zero_grad()
-        logps = response_logps(module.model, batch, **options)
+        logps = response_logps(module.model, batch, plan=plan)
         (torch.sigmoid(logps / 50) * torch.arange(len(logps))).sum().backward()  # not linear in the log-probs
         grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
         results.append((logps.detach(), grads))

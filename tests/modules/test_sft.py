@@ -177,14 +177,14 @@ def test_loss_from_scored_positions_only_equals_the_full_logits_loss(
     tiny_model, plain_task_files, tmp_path, packing, adapter
 ):
     from lightning_align import LoRA
-    from lightning_align.modules.base import body_and_output_weight
+    from lightning_align.modules.scoring import ScoringPlan
     from tests.conftest import ready
 
     dm = SFTDataModule(tiny_model, plain_task_files["sft_train"], batch_size=6, max_length=64, packing=packing)
     dm.setup("fit")
     batch = dm.collate(dm.train_set[:6])
     module = ready(SFTModule(tiny_model), [LoRA(r=4)] if adapter else [], tmp_path)
-    assert body_and_output_weight(module.model) is not None  # the chunked output layer is the path taken
+    assert module.scoring_plan(batch) == ScoringPlan("one_row", "chunked")  # the fast path is the one taken
     fast = module.scored_loss(batch)
     (2 * fast).backward()
     fast_grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
