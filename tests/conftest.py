@@ -37,6 +37,30 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
+@pytest.fixture(scope="session")
+def model_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("architectures")
+    from lightning_align.demos.architectures import tiny_model_folder
+
+    return lambda name: str(tiny_model_folder(name, root))
+
+
+def random_examples(vocab_size: int, lengths=(30, 14, 11, 9, 20, 12), seed=0) -> list[dict]:
+    """Random-token rows longer and shorter than the grid's sliding window, prompts unscored."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for n in lengths:
+        ids = torch.randint(7, vocab_size, (n,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    return examples
+
+
+def padded(examples):
+    from lightning_align.data.collate import pad_collate
+
+    return pad_collate(examples, pad_token_id=0)
+
+
 def write_jsonl(path, rows):
     import json
 

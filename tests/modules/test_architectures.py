@@ -1,0 +1,155 @@
+"""The architecture grid: on a tiny random model of every family in `ARCHITECTURES`, the scoring path the library
+picks for SFT (packed and padded), DPO and the reward model equals the model's own padded forward, gradients
+included; every method trains a step with and without LoRA; DPO's first loss is log 2 with dropout in the config.
+A new family is one line in `lightning_align.demos.architectures`."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_align import (
+    DPOModule,
+    LoRA,
+    PPOModule,
+    PreferenceDataModule,
+    PromptDataModule,
+    RewardModule,
+    SFTDataModule,
+    SFTModule,
+)
+from lightning_align.data.collate import packed_collate, unpack
+from lightning_align.demos.architectures import ARCHITECTURES, WINDOW
+from lightning_align.losses import sft_loss
+from lightning_align.modules.dpo import response_logps
+from lightning_align.modules.reward import batch_rewards
+from lightning_align.modules.scoring import SAFE_PLAN, fastest_plan
+from tests.conftest import padded, random_examples, ready, trainer
+
+NAMES = list(ARCHITECTURES)
+
+
+def gradients(module) -> dict:
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad()
+    return grads
+
+
+def assert_equal_with_gradients(fast, fast_grads, own, own_grads):
+    torch.testing.assert_close(fast, own, rtol=1e-4, atol=1e-4)
+    assert fast_grads.keys() == own_grads.keys() and len(own_grads) > 4
+    for name, grad in own_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_every_tested_row_is_longer_than_the_window():
+    assert max(len(e["input_ids"]) for e in random_examples(100)) > 3 * WINDOW
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_loss_by_the_chosen_path_equals_the_models_own_padded_forward(name, packing, model_folders, tmp_path):
+    module = ready(SFTModule(model_folders(name)), tmp_path=tmp_path)
+    module.model.eval()  # dropout off, so both passes see the same network
+    examples = random_examples(module.model.config.vocab_size)
+    batch = packed_collate(examples) if packing else padded(examples)
+    plan = module.scoring_plan(batch)
+    assert plan == fastest_plan(module.model, module.device) and plan.proven  # the fast path passed its check
+    fast = module.scored_loss(batch)
+    fast.backward()
+    fast_grads = gradients(module)
+    rows = unpack(batch) if packing else batch
+    own = sft_loss(module.model(**{k: rows[k] for k in ("input_ids", "attention_mask")}).logits, rows["labels"])
+    own.backward()
+    assert_equal_with_gradients(fast, fast_grads, own, gradients(module))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dpo_logps_by_the_chosen_path_equal_the_models_own_padded_forward(name, model_folders, tmp_path):
+    module = ready(DPOModule(model_folders(name)), tmp_path=tmp_path)
+    batch = padded(random_examples(module.model.config.vocab_size))
+    plan = module.scoring_plan(module.model, batch)
+    assert plan == fastest_plan(module.model, module.device) and plan.proven
+    weights = torch.linspace(0.5, 1.5, len(batch["input_ids"]))  # any loss that is not a plain sum
+    results = []
+    for scoring in (plan, SAFE_PLAN):
+        logps = response_logps(module.model, batch, plan=scoring)
+        (torch.sigmoid(logps / 50) * weights).sum().backward()
+        results += [logps.detach(), gradients(module)]
+    assert_equal_with_gradients(*results)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rewards_by_the_chosen_path_equal_the_models_own_padded_forward(name, model_folders, tmp_path):
+    torch.manual_seed(0)
+    module = ready(RewardModule(model_folders(name)), tmp_path=tmp_path)
+    batch = padded(random_examples(module.model.config.vocab_size))
+    plan = module.scoring_plan(batch)
+    assert plan == fastest_plan(module.model, module.device, packing=plan.packed) and plan.proven
+    results = []
+    for scoring in (plan, SAFE_PLAN):
+        rewards = batch_rewards(module.model, batch, scoring)
+        (rewards * torch.arange(1.0, len(rewards) + 1)).sum().backward()
+        results += [rewards.detach(), gradients(module)]
+    assert_equal_with_gradients(*results)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_first_dpo_loss_under_lora_is_log_2_with_dropout_in_the_config(name, model_folders, tmp_path):
+    module = ready(DPOModule(model_folders(name)), [LoRA(r=4)], tmp_path)
+    assert module.model.training
+    examples = random_examples(module.model.config.vocab_size, lengths=(30, 14, 11, 9, 20, 12, 16, 25))
+    losses = module.preference_step(padded(examples))["loss"]
+    torch.testing.assert_close(losses, torch.full_like(losses, math.log(2)), rtol=0, atol=1e-5)
+
+
+def test_dropout_stays_out_of_the_reference_even_when_the_policy_keeps_it(model_folders, tmp_path):
+    module = ready(DPOModule(model_folders("gpt2"), disable_dropout=False), [LoRA(r=4)], tmp_path)
+    assert module.model.get_base_model().config.attn_pdrop > 0
+    batch = padded(random_examples(module.model.config.vocab_size))
+    first, second = module.reference_logps(batch), module.reference_logps(batch)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    with torch.no_grad():  # the policy itself still drops out, as asked
+        assert not torch.equal(module.sequence_logps(module.model, batch), module.sequence_logps(module.model, batch))
+    assert module.model.training
+
+
+@pytest.fixture(scope="module")
+def small_task_files(tmp_path_factory):
+    from lightning_align.demos import write_task_data
+
+    return write_task_data(tmp_path_factory.mktemp("grid-tasks"), n_train=16, n_val=4)
+
+
+def first_step_reward(prompts, completions):
+    return [float(len(c)) for c in completions]
+
+
+def method_and_data(method: str, path: str, files: dict):
+    if method == "sft":
+        return SFTModule(path, learning_rate=1e-2), SFTDataModule(path, files["sft_train"], batch_size=4, max_length=48)
+    if method in ("dpo", "reward"):
+        module = DPOModule(path, learning_rate=1e-2) if method == "dpo" else RewardModule(path, learning_rate=1e-2)
+        data = PreferenceDataModule(path, files["preference_train"], batch_size=4, max_length=48)
+        return module, data
+    module = PPOModule(path, reward=first_step_reward, max_new_tokens=4, minibatch_size=4, ppo_epochs=1)
+    return module, PromptDataModule(path, files["prompts_train"], batch_size=4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_every_method_trains_a_step(name, adapter, model_folders, small_task_files, tmp_path):
+    for method in ("sft", "reward", "dpo", "ppo"):
+        torch.manual_seed(0)
+        module, data = method_and_data(method, model_folders(name), small_task_files)
+        callbacks = [LoRA(r=4)] if adapter else []
+        fit = trainer(tmp_path / method, max_steps=1, limit_val_batches=0, callbacks=callbacks)
+        fit.strategy.connect(module)
+        module.trainer = fit
+        module.configure_model()
+        before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+        fit.fit(module, datamodule=data)
+        moved = [n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+        assert fit.global_step >= 1 and moved, f"{method}: no trained weight moved"
+        if adapter:
+            assert all("lora_" in n or "score" in n or "value_head" in n for n in moved), method
