@@ -30,6 +30,7 @@ $(VENV)/.bench: $(VENV)/.base
 
 bench: $(VENV)/.bench
 	$(PY) -m benchmarks.compare --all
+	$(PY) -m benchmarks.compare --all --shape gqa
 	$(PY) -m benchmarks.compare --levers
 
 test: $(VENV)/.dev

@@ -2,11 +2,13 @@
 
     python -m benchmarks.compare --method dpo --peft lora      # one comparison; its row in RESULTS.md is replaced
     python -m benchmarks.compare --all                          # every comparison, written to RESULTS.md
+    python -m benchmarks.compare --all --shape gqa              # the same on a grouped-query, wider, deeper model
     python -m benchmarks.compare --levers                       # our step without each lever, into RESULTS.md
 
 Needs the `bench` extra (`pip install -e .[bench]`, which adds TRL). Each framework runs in a process of its own,
-so its peak resident memory is its own. Model: a Llama-shaped model built from a config (32,000-token vocabulary,
-hidden 256, 4 layers, 4 heads), random init with a fixed seed, fp32 on CPU. Data: synthetic rows whose prompt
+so its peak resident memory is its own. Model: a Llama-shaped model built from a config (32,000-token vocabulary;
+shape "llama": hidden 256, 4 layers, 4 heads; shape "gqa": hidden 384, 6 layers, 6 query and 2 key/value heads,
+longer prompts), random init with a fixed seed, fp32 on CPU. Data: synthetic rows whose prompt
 and response lengths follow a skewed distribution (prompts 20-300 tokens, responses 10-400), written as text
 for a word-level tokenizer whose every word is one token, so both frameworks see exactly the same tokens. Every
 row fits the maximum length, so neither framework truncates or drops any.
@@ -36,9 +38,31 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).parent
-VOCAB, HIDDEN, LAYERS, HEADS = 32_000, 256, 4, 4
-BATCH, MAX_LENGTH, ROWS = 8, 512, 96
+# Model and data shapes. "llama": the first benchmark's shape. "gqa": closer to current models, with grouped-query
+# attention, wider and deeper, and longer rows (so fewer rows per step and fewer steps, to keep the run short).
+SHAPES = {
+    "llama": dict(heads=4, kv_heads=4, hidden=256, layers=4, batch=8, max_length=512, prompts=(4.3, 20, 300)),
+    "gqa": dict(heads=6, kv_heads=2, hidden=384, layers=6, batch=4, max_length=1024, prompts=(5.3, 50, 700)),
+}
+SHAPE = "llama"
+VOCAB, ROWS = 32_000, 96
+HIDDEN, LAYERS, HEADS, KV_HEADS, BATCH, MAX_LENGTH = 256, 4, 4, 4, 8, 512
 WARMUP_STEPS, TIMED_STEPS = 2, 8
+
+
+def use_shape(name: str) -> None:
+    global SHAPE, HIDDEN, LAYERS, HEADS, KV_HEADS, BATCH, MAX_LENGTH, WARMUP_STEPS, TIMED_STEPS
+    shape = SHAPES[name]
+    SHAPE = name
+    HIDDEN, LAYERS, HEADS, KV_HEADS = shape["hidden"], shape["layers"], shape["heads"], shape["kv_heads"]
+    BATCH, MAX_LENGTH = shape["batch"], shape["max_length"]
+    WARMUP_STEPS, TIMED_STEPS = (2, 8) if name == "llama" else (1, 4)
+
+
+def body_parameters() -> int:
+    """Parameters of the transformer blocks' matrices: attention (grouped-query: smaller k and v) and the MLP."""
+    kv = HIDDEN * KV_HEADS // HEADS
+    return LAYERS * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * kv + 3 * HIDDEN * 4 * HIDDEN)
 COMBINATIONS = [
     ("sft", "none"),
     ("sft", "lora"),
@@ -77,8 +101,8 @@ def build_fixture(folder: Path) -> Path:
         intermediate_size=4 * HIDDEN,
         num_hidden_layers=LAYERS,
         num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
-        max_position_embeddings=1024,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=MAX_LENGTH,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
@@ -87,13 +111,14 @@ def build_fixture(folder: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     rng = random.Random(0)
 
-    def words(low: int, high: int) -> str:
-        n = min(high, max(low, int(rng.lognormvariate(4.3, 0.7))))  # skewed: most short, a long tail
+    def words(low: int, high: int, mu: float = 4.3) -> str:
+        n = min(high, max(low, int(rng.lognormvariate(mu, 0.7))))  # skewed: most short, a long tail
         return " ".join(f"t{rng.randrange(4, VOCAB)}" for _ in range(n))
 
+    mu, low, high = SHAPES[SHAPE]["prompts"]
     with open(folder / "rows.jsonl", "w") as f:
         for _ in range(ROWS):
-            prompt, chosen, rejected = words(20, 300), words(10, 400), words(10, 400)
+            prompt, chosen, rejected = words(low, high, mu), words(10, 400), words(10, 400)
             # Every row fits MAX_LENGTH (with BOS and EOS): TRL's reward trainer drops longer rows and its DPO
             # trainer cuts their ends where we cut the prompt's start, so only rows that fit are the same rows.
             room = MAX_LENGTH - 2 - max(len(chosen.split()), len(rejected.split()))
@@ -274,10 +299,10 @@ def child(framework: str, method: str, peft: str, variant: str = "") -> dict:
     import torch
 
     torch.set_num_threads(2)
-    folder = build_fixture(ROOT / ".fixture")
+    folder = build_fixture(ROOT / (".fixture" if SHAPE == "llama" else f".fixture-{SHAPE}"))
     # Each framework draws the rows in an order of its own: count the tokens each timed step was fed.
     steps = (run_ours if framework == "ours" else run_trl)(folder, method, peft, variant)
-    body = LAYERS * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * 4 * HIDDEN)
+    body = body_parameters()
     head = VOCAB * HIDDEN
     # Forward 2, input gradient 2, weight gradient 2 -- frozen LoRA base weights skip the last.
     passes = (4 if peft == "lora" else 6) + (2 if method == "dpo" else 0)  # DPO: the reference's forward
@@ -318,10 +343,11 @@ LEVER_RUNS = [  # (method, adapter, variants)
 def apply_variant(variant: str, method: str) -> dict:
     """Switch one lever off ("name") or one option on ("+name") in this process; returns module settings."""
     import contextlib
+    import dataclasses
 
     import torch
 
-    from lightning_align.modules import base, dpo, reference, reward, sft
+    from lightning_align.modules import base, dpo, reference, scoring
 
     if variant == "padding_free":
         return {"padding_free": False}
@@ -340,15 +366,16 @@ def apply_variant(variant: str, method: str) -> dict:
 
         base.AlignModule.configure_model = with_compiled_layers
         return {}
-    if variant in ("chunked_output_layer", "response_positions_only"):
-        base.PLAIN_OUTPUT_LAYER_MODELS.clear()  # no model qualifies for the chunked output layer
-        if variant == "response_positions_only":
-            for module in (base, sft):
-                module.accepts_logits_to_keep = lambda model: False
-    elif variant == "within_example_attention":
-        base.attention_within_examples = lambda model, inputs: contextlib.nullcontext({})
-        # Without the kernel, a batch packs into rows as long as its longest example, as on other attention.
-        dpo.attends_within_examples = reward.attends_within_examples = lambda model, device: False
+    if variant in ("chunked_output_layer", "response_positions_only", "within_example_attention"):
+        fastest_plan = scoring.fastest_plan
+
+        def without_lever(*args, **kwargs):
+            plan = fastest_plan(*args, **kwargs)
+            if variant == "within_example_attention":  # packed into rows as long as the longest example instead
+                return dataclasses.replace(plan, packing="rows") if plan.packing == "one_row" else plan
+            return dataclasses.replace(plan, output_layer="logits_to_keep" if variant[0] == "c" else "full")
+
+        scoring.fastest_plan = without_lever
     elif variant == "fused_adamw":
 
         class UnfusedAdamW(torch.optim.AdamW):
@@ -381,6 +408,7 @@ def apply_variant(variant: str, method: str) -> dict:
 
 def run_child(framework: str, method: str, peft: str, variant: str = "") -> dict:
     command = [sys.executable, "-m", "benchmarks.compare", "--child", framework, "--method", method, "--peft", peft]
+    command += ["--shape", SHAPE]
     done = subprocess.run(command + (["--variant", variant] if variant else []), capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{framework} {method} {peft} {variant} failed:\n{done.stderr[-3000:]}")
@@ -463,13 +491,14 @@ def machine_line(peak: float, command: str, repeats: int) -> str:
         f"{platform.processor() or 'CPU'}, 2 threads, fp32; torch {torch.__version__}, "
         f"lightning {lightning.__version__}, transformers {transformers.__version__}{peer}. "
         f"Matmul peak {peak / 1e9:.1f} GFLOP/s.\n"
-        f"Model: Llama-shaped, vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads; batch {BATCH}, "
+        f"Model ({SHAPE} shape): Llama-shaped, vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads "
+        f"({KV_HEADS} key/value heads); batch {BATCH}, "
         f"max length {MAX_LENGTH}; {WARMUP_STEPS} warm-up steps, then medians over {TIMED_STEPS} timed steps of "
         f"tokens/s (real tokens, not padding) and model FLOP/s; each run {repeats} times, in rounds over all "
         "runs, the fastest kept (a slow spell of the shared machine only ever slows a run).\n"
         "MFU = model FLOP/s / matmul peak; model FLOPs of a step = (6, or 4 under LoRA's frozen weights, "
         "+ 2 for DPO's reference forward) x "
-        f"(N_body x real tokens + N_head x scored tokens), N_body = {LAYERS * 16 * HIDDEN * HIDDEN:,} (the blocks' "
+        f"(N_body x real tokens + N_head x scored tokens), N_body = {body_parameters():,} (the blocks' "
         f"matrices), N_head = {VOCAB * HIDDEN:,} (output layer; no scored tokens for the reward model). Peak "
         "memory: the process's maximum resident set."
     )
@@ -509,9 +538,11 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="every comparison, written to benchmarks/RESULTS.md")
     parser.add_argument("--levers", action="store_true", help="our step without each lever, into RESULTS.md")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration; the fastest is kept")
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama", help="model and data shape (see SHAPES)")
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    use_shape(args.shape)
     if args.child:
         print(json.dumps(child(args.child, args.method, args.peft, args.variant)))
         return
@@ -527,11 +558,11 @@ def main() -> None:
     combinations = COMBINATIONS if args.all else [(args.method, args.peft)]
     results = best_runs([(f, m, p, "") for m, p in combinations for f in ("ours", "trl")], args.repeats)
     rows = [compare(method, peft, peak, results) for method, peft in combinations]
-    command = "--all" if args.all else f"--method {args.method} --peft {args.peft}"
+    command = ("--all" if args.all else f"--method {args.method} --peft {args.peft}") + f" --shape {SHAPE}"
     text = table(rows, peak, args.repeats, command)
     print("\n" + text)
     if args.all:  # a single comparison is printed only
-        write_section("Against TRL", text)
+        write_section("Against TRL" + ("" if SHAPE == "llama" else f", {SHAPE} shape"), text)
 
 
 if __name__ == "__main__":

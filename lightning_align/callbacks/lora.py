@@ -28,6 +28,38 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 INIT_MODES = ("continue", "merge")
 
 
+def layer_kind(name: str, module: nn.Module) -> str:
+    """What an adapted layer is, by its name: attention, MLP, routed or shared experts, router, or other."""
+    parts = name.lower().split(".")
+    if any("shared_expert" in part for part in parts):
+        return "shared experts"
+    if "experts" in parts:
+        return "routed experts"
+    if parts[-1] in ("gate", "router") or "router" in type(module).__name__.lower():
+        return "routers"
+    if any("attn" in part or "attention" in part for part in parts):
+        return "attention"
+    if any(part in ("mlp", "feed_forward", "ffn") for part in parts):
+        return "MLP"
+    return "other"
+
+
+def adapted_kinds(model: nn.Module) -> dict[str, int]:
+    """How many layers of each kind carry an adapter (a layer adapting several of its parameters counts once)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    kinds: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) and not name.endswith(".base_layer"):
+            kind = layer_kind(name, module)
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+def has_routed_experts(model: nn.Module) -> bool:
+    return any(name.split(".")[-1] == "experts" for name, _ in model.named_modules())
+
+
 def plain_data(value):
     """Config values as plain Python types: checkpoints must load with `torch.load(weights_only=True)`."""
     if isinstance(value, dict):
@@ -53,6 +85,10 @@ class LoRA(L.Callback, ModelAdapter):
     Args:
         r, alpha, dropout: adapter rank, scaling numerator (the update is scaled by alpha / r) and dropout.
         target_modules: "all-linear" (every linear layer but the output layer) or a list of module names.
+        target_parameters: parameters to adapt directly, for weights that are no linear layer: the routed experts
+            of Mixture-of-Experts models, which Hugging Face stores as one 3-D parameter per projection, e.g.
+            `["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]` (peft's `target_parameters`). The log line at
+            start counts the adapted layers by kind (attention, MLP, routed / shared experts, routers).
         modules_to_save: extra modules trained in full and saved with the adapter; the module's own heads (a
             reward model's score head) are added automatically.
         save_dir: where the adapter is saved at the end of training (default: `<default_root_dir>/adapter`);
@@ -77,16 +113,19 @@ class LoRA(L.Callback, ModelAdapter):
         merge_on_save: bool = False,
         init_adapter: str | None = None,
         init_mode: str = "continue",
+        target_parameters: list[str] | None = None,
     ):
         if init_mode not in INIT_MODES:
             raise ValueError(f"unknown init_mode {init_mode!r}; valid: {', '.join(INIT_MODES)}")
         self.init_adapter, self.init_mode = init_adapter, init_mode
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules = target_modules
+        self.target_parameters = list(target_parameters) if target_parameters else None
         self.modules_to_save = list(modules_to_save or [])
         self.save_dir = save_dir
         self.merge_on_save = merge_on_save
         self.trainable_params = self.total_params = 0
+        self.adapted_kinds: dict[str, int] = {}
 
     def lora_config(self, module: AlignModule):
         from peft import LoraConfig
@@ -97,6 +136,7 @@ class LoRA(L.Callback, ModelAdapter):
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=self.target_modules,
+            target_parameters=self.target_parameters,
             modules_to_save=self.modules_to_save + [m for m in extra if m not in self.modules_to_save] or None,
         )
 
@@ -114,10 +154,17 @@ class LoRA(L.Callback, ModelAdapter):
             model = get_peft_model(model, self.lora_config(module))
             model.start_adapter_merged = self.init_adapter  # read by the reference, to report what it is
         self.trainable_params, self.total_params = count_parameters(model)
+        self.adapted_kinds = adapted_kinds(model)
+        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(self.adapted_kinds.items()))
         rank_zero_info(
             f"{type(self).__name__}: {self.trainable_params:,} trainable of {self.total_params:,} parameters "
-            f"({100 * self.trainable_params / self.total_params:.2f}%)"
+            f"({100 * self.trainable_params / self.total_params:.2f}%); adapted layers: {kinds}"
         )
+        if has_routed_experts(model) and not self.adapted_kinds.get("routed experts"):
+            rank_zero_info(
+                f"{type(self).__name__}: the routed experts are not adapted (their weights are no linear layers); "
+                'to adapt them, add target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]'
+            )
         return model
 
     def continue_adapter(self, model: nn.Module, module: AlignModule) -> nn.Module:
@@ -208,6 +255,7 @@ class QLoRA(LoRA):
         merge_on_save: bool = False,
         init_adapter: str | None = None,
         init_mode: str = "continue",
+        target_parameters: list[str] | None = None,
         quant_type: str = "nf4",
         double_quant: bool = True,
         compute_dtype: str = "bfloat16",
@@ -219,7 +267,16 @@ class QLoRA(LoRA):
                 "export) and start QLoRA from that folder"
             )
         super().__init__(
-            r, alpha, dropout, target_modules, modules_to_save, save_dir, merge_on_save, init_adapter, init_mode
+            r,
+            alpha,
+            dropout,
+            target_modules,
+            modules_to_save,
+            save_dir,
+            merge_on_save,
+            init_adapter,
+            init_mode,
+            target_parameters,
         )
         self.quant_type = quant_type
         self.double_quant = double_quant

@@ -46,7 +46,9 @@ def render_chat(messages: list[dict], tokenizer, row: Row, scored_from: int = 0)
     everything else not.
 
     Renders every prefix of the conversation with the tokenizer's own template, so any template works: the
-    reply is the text the template adds after the generation prompt.
+    reply is the text the template adds after the generation prompt, up to and including its first end-of-turn
+    token (Llama 3's <|eot_id|>, ChatML's <|im_end|>, Gemma's <end_of_turn>, Phi-3's <|end|>, EOS); what a
+    template writes after that (a newline, a closing EOS) is not scored, so each reply scores one end of turn.
     """
     segments: Segments = []
     done = ""
@@ -60,11 +62,25 @@ def render_chat(messages: list[dict], tokenizer, row: Row, scored_from: int = 0)
                 f"{row.where()}: the chat template does not render this conversation as a sequence of growing "
                 "prefixes, so assistant replies cannot be located; use prompt/completion rows instead"
             )
-        segments += [(before[len(done) :], False), (through[len(before) :], True)]
-        done = through
+        reply = through[len(before) :]
+        reply = reply[: turn_end(reply, tokenizer)]
+        segments += [(before[len(done) :], False), (reply, True)]
+        done = before + reply
     if not segments:
         raise DataError(f"{row.where()}: the conversation has no assistant message to train on")
     return [(text, scored) for text, scored in segments if text]
+
+
+def turn_end(reply: str, tokenizer) -> int:
+    """Where a rendered reply's turn ends: just after its first special token that is not BOS, padding or
+    unknown (the template's end-of-turn marker or EOS), or the reply's end if it has none."""
+    starters = {tokenizer.bos_token, tokenizer.pad_token, tokenizer.unk_token} - {tokenizer.eos_token}
+    ends = [
+        reply.find(token) + len(token)
+        for token in tokenizer.all_special_tokens
+        if token and token not in starters and token in reply
+    ]
+    return min(ends, default=len(reply))
 
 
 def sft_segments(row: Row, tokenizer) -> Segments:

@@ -22,15 +22,19 @@ def encode_segments(
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels of a row's segments, each segment tokenised on its own.
 
-    Every scored segment ends with EOS (added once, unless the text, e.g. a chat template, already has it), so the
-    model learns to stop. BOS is added only when asked and not already present, so it is never doubled.
+    Every scored segment ends its turn, so the model learns to stop: with EOS, added once, unless the text already
+    holds a special token that closes it (a chat template's own end of turn: Llama 3's <|eot_id|>, ChatML's
+    <|im_end|>, Gemma's <end_of_turn>, Phi-3's <|end|>, or EOS itself). BOS is added only when asked and not
+    already present, so it is never doubled.
     """
     eos = tokenizer.eos_token_id
+    starters = {tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+    turn_enders = (set(tokenizer.all_special_ids) - starters) | {eos}
     input_ids: list[int] = []
     labels: list[int] = []
     for text, scored in segments:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if scored and eos is not None and eos not in ids:
+        if scored and eos is not None and not turn_enders.intersection(ids):
             ids = ids + [eos]
         input_ids += ids
         labels += ids if (scored or train_on_prompt) else [IGNORE_INDEX] * len(ids)

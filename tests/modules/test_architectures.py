@@ -153,3 +153,25 @@ def test_every_method_trains_a_step(name, adapter, model_folders, small_task_fil
         assert fit.global_step >= 1 and moved, f"{method}: no trained weight moved"
         if adapter:
             assert all("lora_" in n or "score" in n or "value_head" in n for n in moved), method
+
+
+def test_lora_on_moe_reports_adapted_kinds_and_reaches_routed_experts_when_asked(
+    model_folders, small_task_files, tmp_path, caplog
+):
+    import logging
+
+    path = model_folders("qwen2_moe")
+    with caplog.at_level(logging.INFO):
+        default = LoRA(r=4)
+        ready(SFTModule(path), [default], tmp_path)
+    assert default.adapted_kinds == {"attention": 8, "shared experts": 8}  # 4 projections + 3 MLP + gate, 2 layers
+    assert "adapted layers: attention 8, shared experts 8" in caplog.text
+    assert "routed experts are not adapted" in caplog.text and "target_parameters" in caplog.text
+
+    experts = LoRA(r=4, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    module, data = method_and_data("sft", path, small_task_files)
+    fit = trainer(tmp_path / "experts", max_steps=1, limit_val_batches=0, callbacks=[experts])
+    fit.fit(module, datamodule=data)
+    assert experts.adapted_kinds["routed experts"] == 2
+    expert_adapters = [p for n, p in module.named_parameters() if "experts" in n and "lora_B" in n]
+    assert expert_adapters and all(p.abs().sum() > 0 for p in expert_adapters)  # B starts at zero: it trained

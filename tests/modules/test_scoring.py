@@ -84,3 +84,13 @@ def test_the_grid_covers_the_families_users_bring():
         "mixtral",
         "qwen2_moe",
     } <= scoring.grid_model_types()
+
+
+def test_the_readme_table_of_scoring_paths_is_the_generated_one():
+    from pathlib import Path
+
+    from lightning_align.demos.architectures import scoring_table
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    documented = readme.split("<!-- architectures -->\n")[1].split("\n<!-- /architectures -->")[0]
+    assert documented == scoring_table()
