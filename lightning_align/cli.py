@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -29,6 +30,11 @@ class LoggedConfig(SaveConfigCallback):
 
 
 class AlignCLI(LightningCLI):
+    """LightningCLI whose `--ckpt_path` resumes the run the config describes: the config's module class and every
+    value given in it or on the command line stay as they are (LightningCLI would replace the whole `model:`
+    section, class included, with the checkpoint's hyperparameters). A checkpoint of another method, model or
+    adapter is refused when it loads (`AlignModule.check_same_run`); differing values are listed once."""
+
     def __init__(self, args=None, run: bool = True):
         super().__init__(
             AlignModule,
@@ -40,6 +46,27 @@ class AlignCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        import torch
+
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        given = self.config[subcommand].get("model", {}).get("init_args", {})
+        changed = [
+            f"{key}: {saved[key]!r} -> {value!r}"
+            for key, value in sorted(given.items())
+            if key in saved and not key.startswith("_") and saved[key] != value
+        ]
+        if changed:
+            print(
+                f"lightning-align: resuming with the config's values, which differ from the checkpoint's: "
+                f"{', '.join(changed)}",
+                file=sys.stderr,
+            )
 
 
 USER_ERRORS = (DataError, FileNotFoundError, ValueError)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from functools import cached_property
 
 import lightning as L
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader
 from lightning_align.data.formats import chat_template_check
 from lightning_align.data.resume import EpochPermutation, ResumableLoader
 from lightning_align.data.sources import DataError, DataSource, Row, read_rows
-from lightning_align.data.tokenize import adds_bos
+from lightning_align.data.tokenize import DroppedRow, adds_bos
 
 
 def load_tokenizer(name_or_path: str, chat_template: str | None = None):
@@ -64,25 +65,44 @@ class AlignDataModule(L.LightningDataModule):
         self.seed = seed
         self.train_set: list[dict] | None = None
         self.val_set: list[dict] = []
+        self.row_counts: Counter = Counter()  # what encoding did to the rows of the split being read
 
     @cached_property
     def tokenizer_adds_bos(self) -> bool:
         return adds_bos(self.tokenizer)
 
     def encode(self, row: Row) -> dict | None:
-        """The example of one row, or None to drop it (counted and reported)."""
+        """The example of one row; raises `DroppedRow` to leave it out (counted by reason in the log)."""
         raise NotImplementedError
 
     def collate(self, examples: list[dict]) -> dict:
         raise NotImplementedError
 
     def encode_rows(self, rows: list[Row]) -> list[dict]:
+        """The rows' examples; one log line counts what was kept as is, truncated and dropped (and why)."""
         if any(isinstance(row.fields.get("messages"), list) for row in rows[:1]):
             chat_template_check(self.tokenizer, self.tokenizer_name)
-        examples = [self.encode(row) for row in rows]
-        kept = [example for example in examples if example is not None]
-        if len(kept) < len(examples):
-            rank_zero_info(f"{rows[0].source}: dropped {len(examples) - len(kept)} of {len(examples)} rows")
+        self.row_counts = Counter()
+        dropped: Counter = Counter()
+        kept = []
+        for row in rows:
+            try:
+                kept.append(self.encode(row))
+            except DroppedRow as why:
+                dropped[str(why)] += 1
+        if rows and (dropped or self.row_counts):
+            notes = [f"{n} {what}" for what, n in self.row_counts.items() if what != "truncated" and n]
+            rank_zero_info(
+                f"{rows[0].source}: {len(rows)} rows: {len(kept)} kept ({self.row_counts['truncated']} truncated), "
+                f"{sum(dropped.values())} dropped"
+                + "".join(f"; {n} {why}" for why, n in dropped.items())
+                + "".join(f"; {note}" for note in notes)
+            )
+        for what, n in self.row_counts.items():
+            if "whitespace" in what and n:
+                rank_zero_warn(f"{rows[0].source}: {n} pairs whose chosen and rejected differ only in whitespace")
+        if rows and not kept:
+            raise DataError(f"{rows[0].source}: all {len(rows)} rows were dropped ({', '.join(dropped)})")
         return kept
 
     def setup(self, stage: str | None = None) -> None:
@@ -93,6 +113,8 @@ class AlignDataModule(L.LightningDataModule):
             raise DataError(f"{self.train_data}: no rows")
         if self.val_data is not None:
             val_rows = read_rows(self.val_data)
+            if not val_rows:
+                raise DataError(f"{self.val_data}: no rows (val_data); give a file with rows, or leave val_data out")
         elif self.val_fraction > 0:
             order = list(range(len(train_rows)))
             random.Random(self.seed).shuffle(order)

@@ -86,7 +86,19 @@ def turn_end(reply: str, tokenizer) -> int:
 def sft_segments(row: Row, tokenizer) -> Segments:
     """Segments of an SFT row: `{"messages": [...]}` chat rows, or `{"prompt", "completion"}` plain-text rows."""
     if "messages" in row.fields:
-        return render_chat(chat_messages(row, "messages"), tokenizer, row)
+        both = [field for field in ("prompt", "completion") if field in row.fields]
+        if both:
+            raise DataError(
+                f"{row.where()}: has both 'messages' and {' and '.join(repr(f) for f in both)}; a row is either a "
+                "chat ('messages') or prompt/completion text: remove one"
+            )
+        messages = chat_messages(row, "messages")
+        if messages[-1]["role"] != "assistant" and any(m["role"] == "assistant" for m in messages):
+            raise DataError(
+                f"{row.where(f'messages[{len(messages) - 1}]')}: the conversation ends with a "
+                f"{messages[-1]['role']} turn, which trains nothing; end it with the assistant's reply or drop the turn"
+            )
+        return render_chat(messages, tokenizer, row)
     if "prompt" not in row.fields and "completion" not in row.fields:
         raise DataError(
             f"{row.where()}: expected 'prompt' and 'completion' fields, or 'messages'; "

@@ -8,7 +8,7 @@ from lightning_align.data.base import AlignDataModule
 from lightning_align.data.collate import pad_collate
 from lightning_align.data.formats import preference_segments
 from lightning_align.data.sources import DataError, DataSource, Row
-from lightning_align.data.tokenize import Truncation, encode_segments, truncate
+from lightning_align.data.tokenize import DroppedRow, Truncation, encode_segments, truncate
 
 # Per-example values that a batch carries along when every example has them.
 EXTRA_FIELDS = ("margin", "ref_chosen_logps", "ref_rejected_logps")
@@ -22,6 +22,7 @@ def preference_collate(examples: list[dict], pad_token_id: int) -> dict[str, tor
         if all(field in e for e in examples):
             batch[field] = torch.tensor([e[field] for e in examples], dtype=torch.float32)
     batch["row"] = torch.tensor([e["row"] for e in examples])
+    batch["pairs"] = torch.tensor(len(examples))  # marks a preference batch: the modules check what they get
     return batch
 
 
@@ -31,8 +32,9 @@ class PreferenceDataModule(AlignDataModule):
     is passed to the reward model's loss.
 
     Args:
-        truncation: "left" drops prompt tokens from the left first, then cuts the responses' ends; "error"
-            refuses rows longer than `max_length`.
+        truncation: "left" drops prompt tokens from the left (the same from both sides, keeping at least a
+            quarter of max_length of the prompt) and drops the pair if a response still does not fit; responses
+            are never cut. "error" refuses rows longer than `max_length`.
         drop_identical: drop rows whose chosen and rejected responses are the same (counted in the log) instead
             of stopping with an error.
         Other arguments as `SFTDataModule`.
@@ -60,18 +62,23 @@ class PreferenceDataModule(AlignDataModule):
 
     def encode(self, row: Row) -> dict | None:
         prompt, chosen, rejected = preference_segments(row, self.tokenizer)
+        if chosen != rejected and [" ".join(t.split()) for t, _ in chosen] == [
+            " ".join(t.split()) for t, _ in rejected
+        ]:
+            self.row_counts["chosen and rejected differ only in whitespace (kept)"] += 1
         if chosen == rejected:
             if self.drop_identical:
-                return None
+                raise DroppedRow("chosen and rejected are identical")
             raise DataError(
                 f"{row.where('rejected')}: identical to 'chosen', so the pair prefers nothing; fix the row or pass "
                 "drop_identical=True to drop such rows"
             )
         add_bos = self.tokenizer_adds_bos and not isinstance(row.fields["chosen"], list)
         pair = [encode_segments(prompt + side, self.tokenizer, row, add_bos=add_bos) for side in (chosen, rejected)]
-        (chosen_ids, chosen_labels), (rejected_ids, rejected_labels) = truncate(
+        [(chosen_ids, chosen_labels), (rejected_ids, rejected_labels)], truncated = truncate(
             pair, self.max_length, self.truncation, row
         )
+        self.row_counts["truncated"] += truncated
         example = {
             "chosen": {"input_ids": chosen_ids, "labels": chosen_labels},
             "rejected": {"input_ids": rejected_ids, "labels": rejected_labels},

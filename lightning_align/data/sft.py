@@ -17,7 +17,9 @@ class SFTDataModule(AlignDataModule):
         train_data / val_data: a .jsonl / .json / .parquet file, a saved `datasets` folder, or a `datasets.Dataset`.
         val_fraction: share of train rows held out for validation when `val_data` is not given.
         max_length: longest row in tokens; `truncation` says what happens to longer rows ("left": drop prompt
-            tokens from the left, then the end of the response; "error": refuse the row).
+            tokens from the left, keeping at least a quarter of max_length of the prompt, and drop the row if its
+            response still does not fit; "error": refuse the row). One log line counts kept, truncated and
+            dropped rows.
         train_on_prompt: score prompt tokens too (by default only completions / assistant replies are scored).
         packing: put each batch's rows into one padding-free row (positions restart per example, no attention
             across examples) instead of padding them to the longest.
@@ -55,7 +57,8 @@ class SFTDataModule(AlignDataModule):
             add_bos=self.tokenizer_adds_bos and not is_chat,  # a chat template places BOS itself
             train_on_prompt=self.train_on_prompt,
         )
-        [(input_ids, labels)] = truncate([(input_ids, labels)], self.max_length, self.truncation, row)
+        [(input_ids, labels)], truncated = truncate([(input_ids, labels)], self.max_length, self.truncation, row)
+        self.row_counts["truncated"] += truncated
         return {"input_ids": input_ids, "labels": labels, "row": row.number}
 
     def collate(self, examples: list[dict]) -> dict:

@@ -68,18 +68,24 @@ def marked_text(input_ids: list[int], labels: list[int], tokenizer) -> str:
     return "".join(parts)
 
 
+class DroppedRow(Exception):
+    """A row left out of the data (counted by reason in the data module's summary line), not an error."""
+
+
 def truncate(
     sequences: list[tuple[list[int], list[int]]], max_length: int, policy: Truncation, row: Row
-) -> list[tuple[list[int], list[int]]]:
+) -> tuple[list[tuple[list[int], list[int]]], bool]:
     """Fit `(input_ids, labels)` sequences sharing one prompt (one SFT row, or a chosen/rejected pair) into
-    `max_length` tokens.
+    `max_length` tokens; returns them and whether they were cut.
 
-    policy "left": drop prompt tokens from the left first, the same number from each sequence so the prompt stays
-    shared (the response is what is learned), then cut the end of the responses; "error": refuse the row.
+    policy "left": drop prompt tokens from the left, the same number from each sequence so the prompt stays
+    shared, keeping at least a quarter of `max_length` of the prompt (all of it if shorter). A response is never
+    cut, so it keeps its end of turn: a row whose responses do not fit beside that much prompt is dropped
+    (`DroppedRow`). "error": refuse every row longer than `max_length`.
     """
     longest = max(len(input_ids) for input_ids, _ in sequences)
     if longest <= max_length:
-        return sequences
+        return sequences, False
     if policy == "error":
         raise DataError(
             f"{row.where()}: {longest} tokens, longer than max_length={max_length}; raise max_length, "
@@ -88,5 +94,7 @@ def truncate(
     if policy != "left":
         raise ValueError(f"unknown truncation policy {policy!r}; use 'left' or 'error'")
     prompt_length = min(next(i for i, label in enumerate(labels) if label != IGNORE_INDEX) for _, labels in sequences)
-    drop = min(longest - max_length, prompt_length)
-    return [(input_ids[drop:][:max_length], labels[drop:][:max_length]) for input_ids, labels in sequences]
+    drop = min(longest - max_length, prompt_length - min(prompt_length, max_length // 4))
+    if longest - drop > max_length:
+        raise DroppedRow(f"response does not fit max_length={max_length} beside the kept prompt")
+    return [(input_ids[drop:], labels[drop:]) for input_ids, labels in sequences], True

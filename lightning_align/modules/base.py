@@ -39,6 +39,23 @@ class ModelAdapter:
 NONFINITE_POLICIES = ("stop", "skip")
 
 
+BATCH_KINDS = {
+    "sft": "token sequences with labels",
+    "preference": "preference pairs (chosen and rejected responses)",
+    "prompts": "prompts to sample from",
+    "unknown": "batches without input_ids",
+}
+DATA_MODULES = {"sft": "SFTDataModule", "preference": "PreferenceDataModule", "prompts": "PromptDataModule"}
+
+
+def batch_kind(batch: dict) -> str:
+    if "pairs" in batch:
+        return "preference"
+    if "prompts" in batch:
+        return "prompts"
+    return "sft" if "input_ids" in batch and "labels" in batch else "unknown"
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Dropout off everywhere in `model`: dropout layers (LoRA's included) and the dropout rates that Hugging Face
     attention modules keep as plain numbers. The model's config is left as it is, so exports keep their rates."""
@@ -83,6 +100,7 @@ class AlignModule(L.LightningModule):
     """
 
     auto_class_name = "AutoModelForCausalLM"
+    batch_kind = "sft"  # what `check_batch` expects: "sft", "preference" or "prompts"
     uses_reference = False  # DPO and PPO compare the policy with the model the stage started from
 
     def __init__(
@@ -222,9 +240,48 @@ class AlignModule(L.LightningModule):
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["lightning_align"] = self.run_identity()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_same_run(checkpoint.get("lightning_align"))
         self.rng_to_restore = checkpoint.get("rng")
+
+    # ----- the batches a module is fed ----------------------------------------------------------------------------
+    def check_batch(self, batch: dict) -> None:
+        """Refuse, at the first batch, batches of another kind than the method needs (a `DPOModule` fed by an
+        `SFTDataModule` would take each batch's halves as chosen and rejected)."""
+        kind = batch_kind(batch)
+        if kind != self.batch_kind and not (self.batch_kind == "sft" and kind == "unknown"):
+            raise ValueError(
+                f"{type(self).__name__} trains on {BATCH_KINDS[self.batch_kind]}, but the data gives "
+                f"{BATCH_KINDS[kind]} (batch keys: {', '.join(sorted(batch))}); use a {DATA_MODULES[self.batch_kind]}"
+            )
+
+    # ----- what a checkpoint resumes: the same method, model and adapter ----------------------------------------
+    def run_identity(self) -> dict[str, str | None]:
+        adapter = self.adapter
+        return {
+            "module": type(self).__name__,
+            "model": self.model_name_or_path,
+            "adapter": type(adapter).__name__ if adapter is not None else None,
+        }
+
+    def check_same_run(self, saved: dict | None) -> None:
+        """Refuse a checkpoint of another method, model or adapter: resuming continues the same run. (Older
+        checkpoints carry no identity and are taken as they are.)"""
+        if not saved:
+            return
+        ours = self.run_identity()
+        differences = [
+            f"{key} {saved.get(key)!r} (this run: {ours[key]!r})" for key in ours if saved.get(key) != ours[key]
+        ]
+        if differences:
+            raise ValueError(
+                f"the checkpoint is of another run: {'; '.join(differences)}. Resuming (ckpt_path) continues the "
+                "same method, model and adapter. To start a new stage from an earlier one, give this module the "
+                "earlier stage's export folder as its model (ExportPretrained, save_pretrained), or its LoRA "
+                "adapter as LoRA(init_adapter=...)"
+            )
 
     def restore_rng(self) -> None:
         # Applied at the first batch after a resume: set-up in between draws from the RNG in ways a run that was
@@ -237,8 +294,12 @@ class AlignModule(L.LightningModule):
 
     # ----- throughput --------------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx) -> None:
+        self.check_batch(batch)
         self.restore_rng()
         self.batch_started_at = time.perf_counter()
+
+    def on_validation_batch_start(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        self.check_batch(batch)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.batch_started_at is None or "input_ids" not in batch:

@@ -82,6 +82,8 @@ class DPOModule(AlignModule):
     with its adapter disabled; otherwise a frozen copy of the starting policy.
     """
 
+    batch_kind = "preference"
+
     def __init__(
         self,
         model: str | nn.Module,
@@ -100,6 +102,8 @@ class DPOModule(AlignModule):
     ):
         if loss_type not in DPO_LOSS_TYPES + ("simpo",):
             raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES + ('simpo',))}")
+        if beta <= 0:
+            raise ValueError(f"beta must be positive, got {beta}: it scales the implicit reward (DPO uses about 0.1)")
         super().__init__(model, **kwargs)
         self.beta = beta
         self.loss_type = loss_type

@@ -81,6 +81,7 @@ class PPOModule(AlignModule):
     The reference is the adapter-disabled policy under LoRA / QLoRA, else a frozen copy of the starting policy.
     """
 
+    batch_kind = "prompts"
     uses_reference = True
 
     def __init__(

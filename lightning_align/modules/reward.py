@@ -31,6 +31,8 @@ class RewardModule(AlignModule):
         others: as `AlignModule`.
     """
 
+    batch_kind = "preference"
+
     auto_class_name = "AutoModelForSequenceClassification"
     trained_heads = ("score",)  # trained in full and saved alongside a LoRA adapter
 

@@ -91,4 +91,4 @@ def test_identical_pairs_can_be_dropped_and_are_counted(tiny_model, tmp_path, ca
     with caplog.at_level("INFO"):
         dm = setup(tiny_model, path, drop_identical=True)
     assert [e["row"] for e in dm.train_set] == [1]
-    assert "dropped 1 of 2 rows" in caplog.text
+    assert "2 rows: 1 kept (0 truncated), 1 dropped; 1 chosen and rejected are identical" in caplog.text

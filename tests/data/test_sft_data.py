@@ -52,13 +52,13 @@ def test_train_on_prompt_scores_every_token_but_the_first(tiny_model, tmp_path):
     assert example["labels"] == example["input_ids"]
 
 
-def test_left_truncation_drops_prompt_tokens_first_then_the_response_end(tiny_model, tokenizer, tmp_path):
+def test_left_truncation_drops_prompt_tokens_and_never_cuts_the_response(tiny_model, tokenizer, tmp_path):
     data = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "reverse: abcdefgh\n", "completion": "hgfedcba"}])
     example = datamodule(tiny_model, data, max_length=12).train_set[0]
     assert len(example["input_ids"]) == 12
     assert tokenizer.decode(example["input_ids"]) == "gh\nhgfedcba</s>"
-    short = datamodule(tiny_model, data, max_length=5).train_set[0]
-    assert tokenizer.decode(short["input_ids"]) == "hgfed" and IGNORE not in short["labels"]
+    with pytest.raises(DataError, match="all 1 rows were dropped .*response does not fit max_length=5"):
+        datamodule(tiny_model, data, max_length=5)  # no prompt left beside the response: the row is dropped
 
 
 def test_packed_batch_gives_the_same_logits_as_separate_rows(tiny_model, tmp_path):
