@@ -202,6 +202,7 @@ def pairwise_reward_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margi
 
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "simpo")  # where label smoothing has a meaning
 
 
 def dpo_loss(
@@ -219,14 +220,21 @@ def dpo_loss(
     eps = label_smoothing:
       "sigmoid": -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
                  (DPO, Rafailov et al. 2023; eps > 0 is conservative DPO, cDPO)
-      "ipo":     (h - 1 / (2 beta))^2                                     (IPO, Azar et al. 2023, eq. 17)
+      "ipo":     (h - 1 / (2 beta))^2                                     (IPO, Azar et al. 2023, eq. 17;
+                 its authors, and TRL, use length-averaged log-probs here: `DPOModule(ipo_normalize=True)`)
       "hinge":   relu(1 - beta h)                                         (SLiC, Zhao et al. 2023)
       "robust":  (-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)
                  (rDPO, Chowdhury et al. 2024: unbiased when a share eps of the labels is flipped; eps < 1/2)
-    Rewards are the implicit rewards beta (log pi - log pi_ref) of each response, detached.
+    Rewards are the implicit rewards beta (log pi - log pi_ref) of each response, detached. Label smoothing has
+    no meaning for "ipo" and "hinge" and is refused there.
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES + ('simpo',))}")
+    if label_smoothing and loss_type not in SMOOTHED_LOSS_TYPES:
+        raise ValueError(
+            f"label_smoothing is not defined for loss_type={loss_type!r}; it applies to "
+            f"{', '.join(SMOOTHED_LOSS_TYPES)}"
+        )
     chosen_ratio = policy_chosen_logps - ref_chosen_logps
     rejected_ratio = policy_rejected_logps - ref_rejected_logps
     h = chosen_ratio - rejected_ratio
@@ -245,17 +253,24 @@ def dpo_loss(
 
 
 def simpo_loss(
-    policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, beta: float = 2.0, gamma: float = 0.5
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """SimPO, reference-free (Meng et al. 2024, eq. 6), per example: (losses, chosen_rewards, rejected_rewards).
 
-    losses = -log sigmoid(beta avg_logp(y+|x) - beta avg_logp(y-|x) - gamma), where the inputs are length-averaged
-    log-probabilities (`sequence_logps(..., average=True)`) and gamma is the target reward margin.
-    Rewards are beta * avg_logp of each response, detached.
+    z = beta avg_logp(y+|x) - beta avg_logp(y-|x) - gamma, where the inputs are length-averaged log-probabilities
+    (`sequence_logps(..., average=True)`) and gamma is the target reward margin;
+    losses = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z), eps = label_smoothing (0 in the paper; the
+    smoothed form is the one TRL's CPO trainer uses for SimPO). Rewards are beta * avg_logp of each response,
+    detached.
     """
     chosen_rewards = beta * policy_chosen_logps
     rejected_rewards = beta * policy_rejected_logps
-    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    z = chosen_rewards - rejected_rewards - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 

@@ -117,6 +117,10 @@ def test_dpo_loss_matches_naive_formula_with_gradients(loss_type, label_smoothin
     from lightning_align.losses import dpo_loss
 
     inputs = random_logps(seed=len(loss_type) * 100 + int(label_smoothing * 10) * 10 + int(beta * 10))
+    if label_smoothing and loss_type in ("ipo", "hinge"):  # no smoothed form exists: refused, not ignored
+        with pytest.raises(ValueError, match=f"label_smoothing is not defined for loss_type='{loss_type}'"):
+            dpo_loss(*inputs, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        return
     losses, chosen_r, rejected_r = dpo_loss(*inputs, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     ref = naive_dpo(*inputs, beta, loss_type, label_smoothing)
     torch.testing.assert_close(losses, ref)
@@ -146,12 +150,17 @@ def test_sigmoid_dpo_at_equal_policy_and_reference_is_log_2():
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.7])
-def test_simpo_loss_matches_naive_formula_with_gradients(gamma):
+@pytest.mark.parametrize("eps", [0.0, 0.15])
+def test_simpo_loss_matches_naive_formula_with_gradients(gamma, eps):
     from lightning_align.losses import simpo_loss
 
     chosen, rejected = random_logps(5)[:2]
-    losses, chosen_r, rejected_r = simpo_loss(chosen, rejected, beta=2.0, gamma=gamma)
-    ref = torch.stack([-naive_log_sigmoid(2.0 * chosen[i] - 2.0 * rejected[i] - gamma) for i in range(6)])
+    losses, chosen_r, rejected_r = simpo_loss(chosen, rejected, beta=2.0, gamma=gamma, label_smoothing=eps)
+    ref = []
+    for i in range(6):
+        z = 2.0 * chosen[i] - 2.0 * rejected[i] - gamma
+        ref.append(-(1 - eps) * naive_log_sigmoid(z) - eps * naive_log_sigmoid(-z))
+    ref = torch.stack(ref)
     torch.testing.assert_close(losses, ref)
     torch.testing.assert_close(chosen_r, 2.0 * chosen.detach())
     grads = torch.autograd.grad(losses.sum(), (chosen, rejected))

@@ -53,6 +53,7 @@ class AlignDataModule(L.LightningDataModule):
         chat_template: str | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        shuffle: bool = True,
     ):
         super().__init__()
         self.tokenizer_name = tokenizer
@@ -63,6 +64,7 @@ class AlignDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.num_workers = num_workers
         self.seed = seed
+        self.shuffle = shuffle
         self.train_set: list[dict] | None = None
         self.val_set: list[dict] = []
         self.row_counts: Counter = Counter()  # what encoding did to the rows of the split being read
@@ -140,7 +142,9 @@ class AlignDataModule(L.LightningDataModule):
         return ResumableLoader(
             self.train_set,
             batch_size=self.batch_size,
-            sampler=EpochPermutation(len(self.train_set), self.seed, self.current_epoch, *self.rank_and_world()),
+            sampler=EpochPermutation(
+                len(self.train_set), self.seed, self.current_epoch, *self.rank_and_world(), shuffle=self.shuffle
+            ),
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -42,9 +42,19 @@ class PromptDataModule(AlignDataModule):
         chat_template: str | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        shuffle: bool = True,
     ):
         super().__init__(
-            tokenizer, train_data, val_data, val_fraction, batch_size, max_length, chat_template, num_workers, seed
+            tokenizer,
+            train_data,
+            val_data,
+            val_fraction,
+            batch_size,
+            max_length,
+            chat_template,
+            num_workers,
+            seed,
+            shuffle,
         )
         self.truncation = truncation
 

@@ -11,16 +11,19 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 
 class EpochPermutation(DistributedSampler):
-    """A permutation of `range(n)` drawn from `seed` and the trainer's current epoch (read through `epoch`), so
-    the order of any epoch can be drawn again after a restart; process `rank` of `world_size` takes every
-    `world_size`-th index from its rank on (the permutation padded by its start to a multiple of `world_size`).
+    """A permutation of `range(n)` (without `shuffle`, `range(n)` itself) drawn from `seed` and the trainer's
+    current epoch (read through `epoch`), so the order of any epoch can be drawn again after a restart; process
+    `rank` of `world_size` takes every `world_size`-th index from its rank on (the permutation padded by its
+    start to a multiple of `world_size`).
 
     One process with batch B and W processes with batch B / W thus train on the same examples at every step.
     Being a `DistributedSampler`, Lightning uses it as it is instead of putting its own in its place.
     """
 
-    def __init__(self, n: int, seed: int, epoch: Callable[[], int], rank: int = 0, world_size: int = 1):
-        self.n, self.seed, self.epoch = n, seed, epoch
+    def __init__(
+        self, n: int, seed: int, epoch: Callable[[], int], rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ):
+        self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
         self.rank, self.world_size = rank, world_size
         self.num_samples = math.ceil(n / world_size)
 
@@ -32,7 +35,7 @@ class EpochPermutation(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch())
-        order = torch.randperm(self.n, generator=generator).tolist()
+        order = torch.randperm(self.n, generator=generator).tolist() if self.shuffle else list(range(self.n))
         order += order[: self.num_samples * self.world_size - self.n]
         return iter(order[self.rank :: self.world_size])
 

@@ -24,6 +24,8 @@ class SFTDataModule(AlignDataModule):
         packing: put each batch's rows into one padding-free row (positions restart per example, no attention
             across examples) instead of padding them to the longest.
         chat_template: a Jinja chat template to use instead of the tokenizer's.
+        seed, shuffle: the training order is a permutation drawn from `seed` and the epoch (the same after a
+            resume); `shuffle=False` keeps the file's order.
     """
 
     def __init__(
@@ -40,9 +42,19 @@ class SFTDataModule(AlignDataModule):
         chat_template: str | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        shuffle: bool = True,
     ):
         super().__init__(
-            tokenizer, train_data, val_data, val_fraction, batch_size, max_length, chat_template, num_workers, seed
+            tokenizer,
+            train_data,
+            val_data,
+            val_fraction,
+            batch_size,
+            max_length,
+            chat_template,
+            num_workers,
+            seed,
+            shuffle,
         )
         self.truncation = truncation
         self.train_on_prompt = train_on_prompt

@@ -4,7 +4,12 @@ throughput logging and export in Hugging Face format."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -317,19 +322,25 @@ class AlignModule(L.LightningModule):
     # ----- export ------------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, merge_adapter: bool = False) -> Path:
         """Save in Hugging Face format: the adapter alone (peft format), or with `merge_adapter` a plain model
-        folder that `from_pretrained` loads. The tokenizer is saved alongside when the model came from a folder."""
+        folder that `from_pretrained` loads. The tokenizer is saved alongside when the model came from a folder.
+
+        The folder is written beside `path` and renamed into place when complete, so a crash while saving leaves
+        the previous export as it was."""
         path = Path(path)
         model = self.model
         adapter = self.adapter
         if merge_adapter and adapter is not None:
             model = adapter.merged_copy(model, self)
         if self._trainer is None or self.trainer.is_global_zero:  # one writer under several processes
-            if hasattr(model, "peft_config"):  # the trained adapter only, not a frozen start copy beside it
-                model.save_pretrained(path, selected_adapters=["default"])
-            else:
-                model.save_pretrained(path)
-            if self.model_name_or_path is not None:
-                save_tokenizer_from(self.model_name_or_path, path)
+            with replaced_atomically(path) as staging:
+                if hasattr(model, "peft_config"):  # the trained adapter only, not a frozen start copy beside it
+                    model.save_pretrained(staging, selected_adapters=["default"])
+                    if self.model_name_or_path is not None:
+                        name_base_model(staging, self.model_name_or_path)
+                else:
+                    model.save_pretrained(staging)
+                if self.model_name_or_path is not None:
+                    save_tokenizer_from(self.model_name_or_path, staging)
         return path
 
 
@@ -413,6 +424,35 @@ def real_tokens(batch: dict) -> int:
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())
+
+
+@contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """A staging folder beside `path` to write into; on success it replaces `path` by renames (the old folder is
+    removed only once the new one is in place), on failure it is removed and `path` is left untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = path.parent / f".{path.name}.previous-{os.getpid()}"
+    if path.exists():
+        path.rename(previous)
+    staging.rename(path)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def name_base_model(adapter_folder: Path, name_or_path: str) -> None:
+    """Record the base model as the user named it (peft writes the resolved folder, e.g. the demo's cache)."""
+    import json
+
+    config_file = adapter_folder / "adapter_config.json"
+    if config_file.exists():
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = name_or_path
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_tokenizer_from(name_or_path: str, path: Path) -> None:

@@ -9,6 +9,7 @@ from torchmetrics import MeanMetric
 
 from lightning_align.losses import (
     DPO_LOSS_TYPES,
+    SMOOTHED_LOSS_TYPES,
     dpo_loss,
     simpo_loss,
 )
@@ -56,11 +57,16 @@ class DPOModule(AlignModule):
     Args:
         beta: strength of the implicit KL constraint (for SimPO, the reward scale; its paper uses about 2).
         loss_type: "sigmoid" (DPO), "ipo", "hinge", "robust" or "simpo" (reference-free, length-normalised).
-        label_smoothing: assumed share of flipped labels, for "sigmoid" (cDPO) and "robust".
+        label_smoothing: assumed share of flipped labels, for "sigmoid" (cDPO), "robust" and "simpo" (as TRL's
+            CPO trainer); refused for "ipo" and "hinge", where it has no meaning.
+        ipo_normalize: for "ipo", use length-averaged log-probs (policy and reference) as its authors recommend
+            and TRL does; False uses sums.
         simpo_gamma: SimPO's target reward margin.
-        rpo_alpha: weight of an extra negative log-likelihood term on the chosen responses (mean per token), as in
-            RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"); it keeps the chosen responses'
-            likelihood from falling while the margin grows. 0 is plain DPO.
+        rpo_alpha: weight of an extra negative log-likelihood term on the chosen responses, as in RPO (Pang et al.
+            2024, "Iterative Reasoning Preference Optimization"); it keeps the chosen responses' likelihood from
+            falling while the margin grows. 0 is plain DPO. The NLL is each chosen response's mean over its
+            tokens, then averaged over rows (every pair weighs the same); TRL averages over all the batch's chosen
+            tokens, so long responses weigh more there.
         ref_model: a model name or folder to use as the reference instead of the starting policy.
         precompute_ref_logps: score the training and validation data with the reference once before training,
             then release the reference network.
@@ -90,6 +96,7 @@ class DPOModule(AlignModule):
         beta: float = 0.1,
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
+        ipo_normalize: bool = True,
         simpo_gamma: float = 0.5,
         rpo_alpha: float = 0.0,
         ref_model: str | None = None,
@@ -102,12 +109,18 @@ class DPOModule(AlignModule):
     ):
         if loss_type not in DPO_LOSS_TYPES + ("simpo",):
             raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES + ('simpo',))}")
+        if label_smoothing and loss_type not in SMOOTHED_LOSS_TYPES:
+            raise ValueError(
+                f"label_smoothing is not defined for loss_type={loss_type!r}; it applies to "
+                f"{', '.join(SMOOTHED_LOSS_TYPES)}"
+            )
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}: it scales the implicit reward (DPO uses about 0.1)")
         super().__init__(model, **kwargs)
         self.beta = beta
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
+        self.ipo_normalize = ipo_normalize
         self.simpo_gamma = simpo_gamma
         self.rpo_alpha = rpo_alpha
         self.ref_model_path = ref_model
@@ -225,13 +238,21 @@ class DPOModule(AlignModule):
     def preference_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loss and metrics of a batch, per example."""
         sums = self.sequence_logps(self.model, batch)
-        means = sums / (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
-        chosen, rejected = (means if self.reference_free else sums).chunk(2)
+        lengths = (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
+        means = sums / lengths
+        averaged = self.reference_free or (self.loss_type == "ipo" and self.ipo_normalize)
+        chosen, rejected = (means if averaged else sums).chunk(2)
         if self.reference_free:
-            losses, chosen_rewards, rejected_rewards = simpo_loss(chosen, rejected, self.beta, self.simpo_gamma)
+            losses, chosen_rewards, rejected_rewards = simpo_loss(
+                chosen, rejected, self.beta, self.simpo_gamma, self.label_smoothing
+            )
         else:
+            ref_chosen, ref_rejected = self.reference_logps(batch)
+            if averaged:
+                chosen_lengths, rejected_lengths = lengths.chunk(2)
+                ref_chosen, ref_rejected = ref_chosen / chosen_lengths, ref_rejected / rejected_lengths
             losses, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen, rejected, *self.reference_logps(batch), self.beta, self.loss_type, self.label_smoothing
+                chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing
             )
         if self.rpo_alpha:
             losses = losses - self.rpo_alpha * means.chunk(2)[0]

@@ -120,3 +120,49 @@ def test_a_checkpoint_of_another_method_is_refused_not_resumed(tiny_model, task_
     pairs = PreferenceDataModule(tiny_model, task_files["preference_train"], batch_size=4, max_length=48)
     with pytest.raises(ValueError, match="the checkpoint is of another run: module 'SFTModule' \\(this run: 'DPOM"):
         trainer(tmp_path / "dpo", max_steps=2).fit(DPOModule(tiny_model), datamodule=pairs, ckpt_path=checkpoint)
+
+
+def test_a_crash_while_exporting_leaves_the_previous_export_readable(tiny_model, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    module = SFTModule(tiny_model)
+    module.configure_model()
+    export = module.save_pretrained(tmp_path / "export")
+    good = (export / "model.safetensors").read_bytes()
+
+    def crash_half_way(self, folder, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"truncated")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(module.model), "save_pretrained", crash_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        module.save_pretrained(export)
+    assert (export / "model.safetensors").read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no half-written folder left beside it
+    AutoModelForCausalLM.from_pretrained(export)
+
+
+def test_adapter_config_names_the_base_model_as_the_user_gave_it(tiny_model, tmp_path):
+    import json
+
+    from lightning_align import LoRA
+    from lightning_align.demos.assets import DEMO_MODEL
+    from tests.conftest import ready
+
+    module = ready(SFTModule(DEMO_MODEL), [LoRA(r=4)], tmp_path)
+    folder = module.save_pretrained(tmp_path / "adapter")
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == DEMO_MODEL
+
+
+def test_shuffle_false_trains_in_the_files_order(tiny_model, task_files):
+    dm = SFTDataModule(tiny_model, task_files["sft_train"], batch_size=4, max_length=48, shuffle=False)
+    dm.setup("fit")
+    rows = [row for batch in list(dm.train_dataloader())[:3] for row in batch["input_ids"].tolist()]
+    expected = [e["input_ids"] for e in dm.train_set[:12]]
+    assert [[t for t in row if t != dm.tokenizer.pad_token_id] for row in rows] == expected
+    shuffled = SFTDataModule(tiny_model, task_files["sft_train"], batch_size=4, max_length=48)
+    shuffled.setup("fit")
+    assert (
+        next(iter(shuffled.train_dataloader()))["input_ids"].tolist()
+        != next(iter(dm.train_dataloader()))["input_ids"].tolist()
+    )

@@ -166,3 +166,32 @@ def test_chunked_and_packed_logps_equal_the_padded_logits_path_with_gradients(
     assert fast_grads.keys() == plain_grads.keys() and len(plain_grads) > 4
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ipo_uses_length_averaged_log_ratios_by_default(sft_model, task_files, normalize):
+    dm = preference_data(sft_model, task_files)
+    batch = dm.collate(dm.train_set[:8])
+    module = DPOModule(sft_model, loss_type="ipo", beta=0.1, ipo_normalize=normalize)
+    module.configure_model()
+    module.reference.to(module.model)
+    torch.manual_seed(0)
+    for p in module.model.parameters():  # a policy away from the reference
+        p.data.add_(0.01 * torch.randn_like(p))
+    with torch.no_grad():
+        policy = chosen_rejected_logps(module.model.eval(), batch)
+        reference = chosen_rejected_logps(module.reference.network, batch)
+        losses = module.preference_step(batch)["loss"]
+    lengths = (batch["labels"][:, 1:] != -100).sum(-1).chunk(2)
+    expected = []
+    for i in range(8):
+        h = (policy[0][i] - reference[0][i]) / (lengths[0][i] if normalize else 1)
+        h = h - (policy[1][i] - reference[1][i]) / (lengths[1][i] if normalize else 1)
+        expected.append((h - 1 / (2 * 0.1)) ** 2)
+    torch.testing.assert_close(losses, torch.stack(expected), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
+def test_label_smoothing_is_refused_where_it_has_no_meaning(loss_type):
+    with pytest.raises(ValueError, match=f"label_smoothing is not defined for loss_type='{loss_type}'"):
+        DPOModule("any", loss_type=loss_type, label_smoothing=0.1)
