@@ -1,8 +1,14 @@
 """Fine-tune and align Hugging Face causal LMs the Lightning way."""
 
-from lightning_align.callbacks import ExportPretrained, GenerationSamples, LoRA, QLoRA
-from lightning_align.data import DataError, PreferenceDataModule, PromptDataModule, SFTDataModule
-from lightning_align.modules import AlignModule, DPOModule, PPOModule, RewardModule, SFTModule
+import logging
+
+# bitsandbytes says on import, on some CPUs, that an optional faster 4-bit kernel could not be fetched from the
+# hub: nothing a user of this library has to act on, and it printed on every run, QLoRA or not.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from lightning_align.callbacks import ExportPretrained, GenerationSamples, LastCheckpoint, LoRA, QLoRA  # noqa: E402
+from lightning_align.data import DataError, PreferenceDataModule, PromptDataModule, SFTDataModule  # noqa: E402
+from lightning_align.modules import AlignModule, DPOModule, PPOModule, RewardModule, SFTModule  # noqa: E402
 
 __version__ = "0.1.0.dev0"
 __all__ = [
@@ -11,6 +17,7 @@ __all__ = [
     "DataError",
     "ExportPretrained",
     "GenerationSamples",
+    "LastCheckpoint",
     "LoRA",
     "PPOModule",
     "PreferenceDataModule",

@@ -8,10 +8,11 @@ unknown option of ours) end with one clear line, not a stack trace; set LIGHTNIN
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from lightning_align.data.base import AlignDataModule
 from lightning_align.data.sources import DataError
@@ -29,6 +30,35 @@ class LoggedConfig(SaveConfigCallback):
             logger.log_hyperparams({"run": config})
 
 
+class AlignArgumentParser(LightningArgumentParser):
+    """Config mistakes end in one line naming the key, not the usage text and a nest of union errors."""
+
+    def error(self, message: str, ex=None):
+        if not self.exit_on_error:  # a nested parser: its caller handles the exception (unions try the next type)
+            super().error(message, ex)
+        print(f"lightning-align: error: {one_line(message)}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def one_line(message: str) -> str:
+    """The part of a jsonargparse error that names the key and what is wrong with it."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    problem = next((i for i, line in enumerate(lines) if line.startswith("- Problem with given class_path")), None)
+    if problem is None and "Errors:" in lines:  # a union of types: the first type's own error is the one meant
+        return lines[lines.index("Errors:") + 1].removeprefix("- ")
+    if problem is None:
+        return " ".join(lines[:3])
+    key = re.search(r'Parser key "([^"]+)"', lines[0])
+    class_path = re.search(r"class_path '([^']+)'", lines[problem])
+    detail = []
+    for line in lines[problem + 1 :]:
+        if line.startswith(("- ", "Given value")):
+            break
+        detail.append(line.rstrip(":"))
+    where = ", ".join(m.group(1) for m in (key, class_path) if m)
+    return f"{where}: {' '.join(detail)}"
+
+
 class AlignCLI(LightningCLI):
     """LightningCLI whose `--ckpt_path` resumes the run the config describes: the config's module class and every
     value given in it or on the command line stay as they are (LightningCLI would replace the whole `model:`
@@ -43,6 +73,7 @@ class AlignCLI(LightningCLI):
             subclass_mode_data=True,
             save_config_callback=LoggedConfig,
             save_config_kwargs={"overwrite": True},
+            parser_class=AlignArgumentParser,
             args=args,
             run=run,
         )
@@ -59,7 +90,7 @@ class AlignCLI(LightningCLI):
         changed = [
             f"{key}: {saved[key]!r} -> {value!r}"
             for key, value in sorted(given.items())
-            if key in saved and not key.startswith("_") and saved[key] != value
+            if key in saved and not key.startswith("_") and as_saved(saved[key]) != as_saved(value)
         ]
         if changed:
             print(
@@ -67,6 +98,11 @@ class AlignCLI(LightningCLI):
                 f"{', '.join(changed)}",
                 file=sys.stderr,
             )
+
+
+def as_saved(value):
+    """A config value as a checkpoint holds it (tuples come back as lists)."""
+    return [as_saved(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 USER_ERRORS = (DataError, FileNotFoundError, ValueError)
@@ -78,7 +114,7 @@ def main(args: list[str] | None = None) -> None:
     except USER_ERRORS as err:
         if os.environ.get("LIGHTNING_ALIGN_TRACEBACK"):
             raise
-        print(f"lightning-align: error: {err}", file=sys.stderr)
+        print(f"lightning-align: error: {one_line(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

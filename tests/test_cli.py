@@ -66,6 +66,30 @@ def test_every_example_config_runs_and_logs_its_metrics_and_config_to_wandb(conf
     if "GenerationSamples" in config.read_text():
         assert metrics.get("samples/_type") == ["table-file"]
     assert (tmp_path / "runs" / config.stem / "export" / "config.json").is_file()  # the next stage's input
+    assert (tmp_path / "runs" / config.stem / "checkpoints" / "last.ckpt").is_file()  # even a 2-step run resumes
+    assert f"checkpoints in runs/{config.stem}/checkpoints" in done.stderr  # said where things go
+
+
+def test_resume_keeps_the_configs_method_and_refuses_another_methods_checkpoint(demo_home, tmp_path):
+    sft, dpo = (next(c for c in CONFIGS if c.stem == name) for name in ("sft_full", "dpo_full"))
+    assert cli(["fit", "--config", str(sft), *SHORT_RUN], tmp_path).returncode == 0
+    checkpoint = "runs/sft_full/checkpoints/last.ckpt"
+    wrong = cli(["fit", "--config", str(dpo), *SHORT_RUN, f"--ckpt_path={checkpoint}"], tmp_path)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert "the checkpoint is of another run: module 'SFTModule' (this run: 'DPOModule')" in wrong.stderr
+    resumed = cli(
+        ["fit", "--config", str(sft), *SHORT_RUN, "--trainer.max_steps=3", "--model.learning_rate=0.001"]
+        + [f"--ckpt_path={checkpoint}"],
+        tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming with the config's values, which differ from the checkpoint's: learning_rate: 0.003 -> 0.001" in (
+        resumed.stderr
+    )
+    import torch
+
+    saved = torch.load(tmp_path / checkpoint, weights_only=True)
+    assert saved["global_step"] == 3 and saved["hyper_parameters"]["learning_rate"] == 0.001  # the override won
 
 
 def test_print_config_round_trips_to_the_same_run(demo_home, tmp_path):
@@ -103,8 +127,10 @@ def test_config_errors_end_with_a_clear_message_not_a_traceback(demo_home, tmp_p
     config = next(c for c in CONFIGS if c.stem == "dpo_full")
     done = cli(["fit", "--config", str(config), *SHORT_RUN, *args], tmp_path, timeout=120)
     assert done.returncode != 0
-    assert message in done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]  # one line names the problem, and it is the last
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    if args[0].startswith("--model.init_args.betaa") or args[0].startswith("--model.beta="):
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # no usage text before it
 
 
 GPU_CONFIGS = sorted((Path(__file__).parents[1] / "examples" / "configs" / "gpu").glob("*.yaml"))

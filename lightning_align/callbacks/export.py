@@ -18,6 +18,8 @@ class ExportPretrained(L.Callback):
     def __init__(self, dirpath: str | None = None, merge_adapter: bool = True):
         self.dirpath, self.merge_adapter = dirpath, merge_adapter
 
+    def export_dir(self, trainer: L.Trainer) -> str:
+        return self.dirpath or f"{trainer.default_root_dir}/export"
+
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        path = self.dirpath or f"{trainer.default_root_dir}/export"
-        pl_module.save_pretrained(path, merge_adapter=self.merge_adapter)
+        pl_module.save_pretrained(self.export_dir(trainer), merge_adapter=self.merge_adapter)

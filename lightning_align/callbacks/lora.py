@@ -92,7 +92,8 @@ class LoRA(L.Callback, ModelAdapter):
         modules_to_save: extra modules trained in full and saved with the adapter; the module's own heads (a
             reward model's score head) are added automatically.
         save_dir: where the adapter is saved at the end of training (default: `<default_root_dir>/adapter`);
-            with `merge_on_save`, a merged plain model is saved to `<save_dir>/merged` as well.
+            with `merge_on_save`, a merged plain model is saved to `<save_dir>/merged` as well. With each
+            checkpoint the adapter is also saved beside it, as `adapter-step-N` in the checkpoint folder.
         init_adapter: a peft adapter folder to start from (for example the adapter export of an SFT run).
         init_mode: "continue" (the default) trains that adapter further, keeping its own rank and targets; "merge"
             merges it into the base weights and adds a fresh adapter (r, alpha, ...) on top.
@@ -201,6 +202,14 @@ class LoRA(L.Callback, ModelAdapter):
     def adapter_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.save_dir) if self.save_dir else Path(trainer.default_root_dir) / "adapter"
 
+    def checkpoint_adapter_dir(self, trainer: L.Trainer) -> Path:
+        """Where the adapter of a checkpoint goes: `adapter-step-N` in the checkpoint folder, or
+        `<adapter_dir>/step-N` without a checkpoint callback."""
+        checkpoints = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if checkpoints:
+            return Path(checkpoints) / f"adapter-step-{trainer.global_step}"
+        return self.adapter_dir(trainer) / f"step-{trainer.global_step}"
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Checkpoints leave out the frozen base (rebuilt from the model folder on resume); see on_load_checkpoint.
         pl_module.strict_loading = False
@@ -213,8 +222,8 @@ class LoRA(L.Callback, ModelAdapter):
             del state[key]
         # The peft config lets a reader rebuild the model around the trained weights.
         checkpoint["adapter_config"] = plain_data(pl_module.model.peft_config["default"].to_dict())
-        if trainer.is_global_zero:
-            pl_module.save_pretrained(self.adapter_dir(trainer) / f"step-{trainer.global_step}")
+        if trainer.is_global_zero:  # an adapter folder beside the checkpoints, loadable without Lightning
+            pl_module.save_pretrained(self.checkpoint_adapter_dir(trainer))
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         trained = [name for name, p in pl_module.named_parameters() if p.requires_grad]

@@ -23,6 +23,12 @@ def prompt_text(fields: dict, tokenizer) -> str:
     return str(prompt)
 
 
+def last_tokens(prompt: str, tokenizer, limit: int) -> str:
+    """The prompt cut to its last `limit` tokens: a huge row must not become a huge generation."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return prompt if len(ids) <= limit else tokenizer.decode(ids[-limit:])
+
+
 class GenerationSamples(L.Callback):
     """Every `every_n_steps` training steps and at the end of training, greedy completions of a fixed set of
     prompts with their scores: a `wandb.Table` under `WandbLogger`, rows appended to `<log_dir>/samples.csv`
@@ -32,8 +38,11 @@ class GenerationSamples(L.Callback):
         prompts: a data source whose rows have a `prompt` (or chat `messages`); by default the module's
             validation data, or its training data if it has none.
         num_samples, max_new_tokens: how many prompts and how long the completions.
+        max_prompt_tokens: prompts are cut to their last this many tokens (by default the data module's
+            `max_length`, else 1024), as training data is.
         reward: `(prompts, completions) -> list[float]` or its `"package.module:function"` path; by default the
-            module's own reward (PPO) and no score otherwise.
+            module's own reward (PPO) and no score otherwise. It is tried on the prompts at setup, so a reward
+            that cannot score them stops the run before training, not after.
     """
 
     def __init__(
@@ -43,9 +52,16 @@ class GenerationSamples(L.Callback):
         num_samples: int = 8,
         max_new_tokens: int = 32,
         reward: str | None = None,
+        max_prompt_tokens: int | None = None,
     ):
+        if every_n_steps < 1 or num_samples < 1 or max_new_tokens < 1:
+            raise ValueError(
+                "GenerationSamples: every_n_steps, num_samples and max_new_tokens must be at least 1, got "
+                f"{every_n_steps}, {num_samples}, {max_new_tokens}"
+            )
         self.prompts_source, self.every_n_steps = prompts, every_n_steps
         self.num_samples, self.max_new_tokens, self.reward = num_samples, max_new_tokens, reward
+        self.max_prompt_tokens = max_prompt_tokens
         self.prompts: list[str] | None = None
         self.csv_path: Path | None = None
 
@@ -57,7 +73,18 @@ class GenerationSamples(L.Callback):
         if source is None:
             raise ValueError("GenerationSamples needs `prompts`, or a datamodule whose data it can take them from")
         rows = read_rows(source)[: self.num_samples]
-        self.prompts = [prompt_text(row.fields, pl_module.tokenizer) for row in rows]
+        limit = self.max_prompt_tokens or getattr(datamodule, "max_length", None) or 1024
+        self.prompts = [
+            last_tokens(prompt_text(row.fields, pl_module.tokenizer), pl_module.tokenizer, limit) for row in rows
+        ]
+        if self.reward is not None:
+            try:
+                self.scorer(pl_module)(self.prompts, [""] * len(self.prompts))
+            except Exception as err:  # noqa: BLE001 - a user's function: say whose error it is, before training
+                raise ValueError(
+                    f"GenerationSamples: reward {self.reward!r} cannot score these prompts ({type(err).__name__}: "
+                    f"{err}); give a reward for your data, or leave `reward` out to log samples without scores"
+                ) from None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:

@@ -16,18 +16,22 @@ from lightning_align.data.sources import DataError, DataSource, Row, read_rows
 from lightning_align.data.tokenize import DroppedRow, adds_bos
 
 
-def load_tokenizer(name_or_path: str, chat_template: str | None = None):
-    """Load a tokenizer; a missing pad token falls back to EOS (padding is masked out everywhere)."""
+def load_tokenizer(name_or_path: str, chat_template: str | None = None, what: str = "tokenizer"):
+    """Load a tokenizer; a missing pad token falls back to EOS (padding is masked out everywhere). `what` names
+    the setting the name came from in errors ("model" when a module loads its model's tokenizer)."""
     from transformers import AutoTokenizer
 
-    from lightning_align.demos.assets import resolve_model
+    from lightning_align.demos.assets import resolve_model, why_not_loaded
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
     except OSError as err:
-        raise DataError(f"tokenizer '{name_or_path}' could not be loaded: {err}") from None
+        raise DataError(f"{what} '{name_or_path}' could not be loaded: {why_not_loaded(name_or_path, err)}") from None
     if chat_template is not None:
         tokenizer.chat_template = chat_template
+    # Rows longer than the model's maximum are cut by this library's truncation (with a count in the log), after
+    # tokenising: the tokenizer's own warning about them would only come first and mislead.
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise DataError(
@@ -56,6 +60,10 @@ class AlignDataModule(L.LightningDataModule):
         shuffle: bool = True,
     ):
         super().__init__()
+        if batch_size < 1 or max_length < 2:
+            raise ValueError(f"batch_size must be at least 1 and max_length at least 2, got {batch_size}, {max_length}")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.tokenizer_name = tokenizer
         self.tokenizer = load_tokenizer(tokenizer, chat_template)
         self.train_data, self.val_data = train_data, val_data

@@ -55,6 +55,11 @@ def render_chat(messages: list[dict], tokenizer, row: Row, scored_from: int = 0)
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < scored_from:
             continue
+        if not any(m["role"] in ("user", "system", "tool") for m in messages[:i]):
+            raise DataError(
+                f"{row.where(f'messages[{i}]')}: the conversation starts with an assistant turn; a reply needs a "
+                "user (or system) message before it"
+            )
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not before.startswith(done) or not through.startswith(before):
@@ -63,7 +68,7 @@ def render_chat(messages: list[dict], tokenizer, row: Row, scored_from: int = 0)
                 "prefixes, so assistant replies cannot be located; use prompt/completion rows instead"
             )
         reply = through[len(before) :]
-        reply = reply[: turn_end(reply, tokenizer)]
+        reply = reply[: turn_end(reply, tokenizer, message["content"])]
         segments += [(before[len(done) :], False), (reply, True)]
         done = before + reply
     if not segments:
@@ -71,14 +76,16 @@ def render_chat(messages: list[dict], tokenizer, row: Row, scored_from: int = 0)
     return [(text, scored) for text, scored in segments if text]
 
 
-def turn_end(reply: str, tokenizer) -> int:
-    """Where a rendered reply's turn ends: just after its first special token that is not BOS, padding or
-    unknown (the template's end-of-turn marker or EOS), or the reply's end if it has none."""
+def turn_end(reply: str, tokenizer, content: str) -> int:
+    """Where a rendered reply's turn ends: just after the first special token after its content that is not BOS,
+    padding or unknown (the template's end-of-turn marker or EOS), or the reply's end if it has none."""
     starters = {tokenizer.bos_token, tokenizer.pad_token, tokenizer.unk_token} - {tokenizer.eos_token}
+    core = content.strip()
+    after = reply.find(core) + len(core) if core and core in reply else 0  # templates may trim the content
     ends = [
-        reply.find(token) + len(token)
+        reply.find(token, after) + len(token)
         for token in tokenizer.all_special_tokens
-        if token and token not in starters and token in reply
+        if token and token not in starters and token in reply[after:]
     ]
     return min(ends, default=len(reply))
 

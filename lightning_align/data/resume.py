@@ -53,6 +53,14 @@ class ResumableLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.skip = skip
 
+    # Lightning warns that a loader without these cannot resume mid-epoch; this one does, through the data
+    # module's own checkpoint state, so there is nothing for Lightning to keep here.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def __iter__(self):
         iterator = super().__iter__()
         for _ in range(self.skip() if self.skip is not None else 0):

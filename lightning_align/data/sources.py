@@ -63,7 +63,7 @@ def _jsonl_rows(path: Path) -> list[Row]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark opens some files
             except UnicodeDecodeError as err:
                 raise DataError(f"{path} row {number}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
             if not line.strip():
@@ -78,7 +78,7 @@ def _jsonl_rows(path: Path) -> list[Row]:
 
 def _json_rows(path: Path) -> list[Row]:
     try:
-        content = json.loads(path.read_bytes().decode("utf-8"))
+        content = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:

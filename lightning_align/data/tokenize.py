@@ -23,7 +23,7 @@ def encode_segments(
     """Token ids and labels of a row's segments, each segment tokenised on its own.
 
     Every scored segment ends its turn, so the model learns to stop: with EOS, added once, unless the text already
-    holds a special token that closes it (a chat template's own end of turn: Llama 3's <|eot_id|>, ChatML's
+    ends with a special token that closes it (a chat template's own end of turn: Llama 3's <|eot_id|>, ChatML's
     <|im_end|>, Gemma's <end_of_turn>, Phi-3's <|end|>, or EOS itself). BOS is added only when asked and not
     already present, so it is never doubled.
     """
@@ -34,7 +34,7 @@ def encode_segments(
     labels: list[int] = []
     for text, scored in segments:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if scored and eos is not None and not turn_enders.intersection(ids):
+        if scored and eos is not None and not (ids and ids[-1] in turn_enders):
             ids = ids + [eos]
         input_ids += ids
         labels += ids if (scored or train_on_prompt) else [IGNORE_INDEX] * len(ids)

@@ -45,3 +45,17 @@ def resolve_data(source):
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
     return str(folder / f"{name}.jsonl")
+
+
+def why_not_loaded(name_or_path: str, err: Exception) -> str:
+    """What a user can act on when a model or tokenizer does not load: a local folder that lacks the files, or a
+    name that is neither a folder here nor a model the Hugging Face hub gave (offline, private or misspelt)."""
+    from pathlib import Path
+
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if Path(name_or_path).is_dir():
+        return f"the folder exists but this could not be read from it ({first_line})"
+    return (
+        "there is no such folder here, and no model of that name could be fetched from the Hugging Face hub "
+        "(offline, private or misspelt)"
+    )

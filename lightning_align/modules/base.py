@@ -73,12 +73,14 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def load_pretrained(name_or_path: str, auto_class: type, **kwargs) -> nn.Module:
-    from lightning_align.demos.assets import resolve_model
+    from lightning_align.demos.assets import resolve_model, why_not_loaded
 
     try:
         return auto_class.from_pretrained(resolve_model(name_or_path), **kwargs)
     except OSError as err:
-        raise FileNotFoundError(f"model '{name_or_path}' could not be loaded: {err}") from None
+        raise FileNotFoundError(
+            f"model '{name_or_path}' could not be loaded: {why_not_loaded(name_or_path, err)}"
+        ) from None
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -120,6 +122,12 @@ class AlignModule(L.LightningModule):
         torch_dtype: str | None = None,
         nonfinite: str = "stop",
     ):
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+        if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
+            raise ValueError(
+                f"warmup_steps must be >= 0 and min_lr_ratio in [0, 1], got {warmup_steps}, {min_lr_ratio}"
+            )
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"unknown nonfinite policy {nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")
         super().__init__()
@@ -178,7 +186,7 @@ class AlignModule(L.LightningModule):
 
         if self.model_name_or_path is None:
             raise ValueError("this module was given a model instance: it has no tokenizer folder to load")
-        return load_tokenizer(self.model_name_or_path)
+        return load_tokenizer(self.model_name_or_path, what="model")
 
     # ----- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -298,6 +306,16 @@ class AlignModule(L.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
     # ----- throughput --------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        from lightning_align.callbacks.checkpoints import report_output_places
+
+        report_output_places(self.trainer, "this run writes")
+
+    def on_fit_end(self) -> None:
+        from lightning_align.callbacks.checkpoints import report_output_places
+
+        report_output_places(self.trainer, "this run wrote")
+
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self.check_batch(batch)
         self.restore_rng()

@@ -149,6 +149,7 @@ class DPOModule(AlignModule):
             self.reference = Reference(self.model, explicit)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self.reference_free:
             rank_zero_info("DPOModule reference: none (SimPO is reference-free)")
             return
@@ -271,7 +272,10 @@ class DPOModule(AlignModule):
         loss = metrics.pop("loss").mean()
         batch_size = len(metrics["rewards/chosen"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log_dict({name: values.mean() for name, values in metrics.items()}, batch_size=batch_size)
+        means = {name: values.mean() for name, values in metrics.items()}
+        shown = ("rewards/accuracies", "rewards/margins")
+        self.log_dict({name: means.pop(name) for name in shown}, prog_bar=True, batch_size=batch_size)
+        self.log_dict(means, batch_size=batch_size)
         return self.finite_or_none(loss, batch_idx)
 
     def validation_step(self, batch, batch_idx):

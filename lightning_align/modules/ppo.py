@@ -147,6 +147,7 @@ class PPOModule(AlignModule):
             self.reference = Reference(self.model)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         self.reference.to(self.model)
         self.ensure_reward()
         rank_zero_info(f"PPOModule reference: {self.reference.kind}; reward: {self.reward_name}")

@@ -81,7 +81,7 @@ class RewardModule(AlignModule):
         chosen, rejected = self.rewards(batch)
         loss = pairwise_reward_loss(chosen, rejected, batch.get("margin"))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(chosen))
-        self.log("train/accuracy", (chosen > rejected).float().mean(), batch_size=len(chosen))
+        self.log("train/accuracy", (chosen > rejected).float().mean(), prog_bar=True, batch_size=len(chosen))
         return self.finite_or_none(loss, batch_idx)
 
     def on_validation_epoch_start(self) -> None:

@@ -26,3 +26,27 @@ def test_generation_samples_write_a_csv_with_scores_every_n_steps(tiny_model, pl
     completions = generate_completions(module.model, module.tokenizer, prompts, max_new_tokens=6)
     assert [r["completion"] for r in rows[-3:]] == completions
     assert [float(r["score"]) for r in rows[-3:]] == task_reward(prompts, completions)
+
+
+def test_a_reward_that_cannot_score_the_users_prompts_stops_at_setup_not_after_training(tiny_model, tmp_path):
+    import pytest
+
+    from tests.conftest import write_jsonl
+
+    rows = [{"prompt": "Summarise: the cat sat.\n", "completion": "A cat sat."}] * 4
+    dm = SFTDataModule(tiny_model, str(write_jsonl(tmp_path / "mine.jsonl", rows)), batch_size=2)
+    samples = GenerationSamples(reward="lightning_align.demos:task_reward")
+    fit = trainer(tmp_path, max_steps=2, callbacks=[samples])
+    with pytest.raises(ValueError, match="GenerationSamples: reward 'lightning_align.demos:task_reward' cannot score"):
+        fit.fit(SFTModule(tiny_model), datamodule=dm)
+    assert fit.global_step == 0
+
+
+def test_sample_prompts_are_cut_to_the_data_modules_max_length(tiny_model, tmp_path):
+    from tests.conftest import write_jsonl
+
+    rows = [{"prompt": "x" * 5000 + "\nreverse: ab\n", "completion": "ba"}] * 2
+    dm = SFTDataModule(tiny_model, str(write_jsonl(tmp_path / "long.jsonl", rows)), batch_size=2, max_length=64)
+    samples = GenerationSamples(num_samples=1, max_new_tokens=2)
+    trainer(tmp_path, max_steps=1, callbacks=[samples], limit_val_batches=0).fit(SFTModule(tiny_model), datamodule=dm)
+    assert samples.prompts[0].endswith("reverse: ab\n") and len(samples.prompts[0]) <= 64

@@ -166,3 +166,32 @@ def test_shuffle_false_trains_in_the_files_order(tiny_model, task_files):
         next(iter(shuffled.train_dataloader()))["input_ids"].tolist()
         != next(iter(dm.train_dataloader()))["input_ids"].tolist()
     )
+
+
+def test_a_utf8_byte_order_mark_is_read_not_refused(tiny_model, tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(
+        b"\xef\xbb\xbf" + b'{"prompt": "q\\n", "completion": "a"}\n{"prompt": "r\\n", "completion": "b"}\n'
+    )
+    dm = SFTDataModule(tiny_model, str(path))
+    dm.setup("fit")
+    assert len(dm.train_set) == 2
+
+
+def test_a_chat_opening_with_an_assistant_turn_names_the_row(tiny_model, tmp_path):
+    row = {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "q"}] * 1}
+    row["messages"].append({"role": "assistant", "content": "a"})
+    with pytest.raises(DataError, match="row 1, field 'messages\\[0\\]': the conversation starts with an assistant"):
+        SFTDataModule(tiny_model, str(write_jsonl(tmp_path / "c.jsonl", [row]))).setup("fit")
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda model: SFTModule(model, learning_rate=-1e-5), "learning_rate must be positive, got -1e-05"),
+        (lambda model: SFTDataModule(model, "x.jsonl", batch_size=0), "batch_size must be at least 1 and max_length"),
+    ],
+)
+def test_bad_numbers_are_refused_naming_the_option(tiny_model, build, message):
+    with pytest.raises(ValueError, match=message):
+        build(tiny_model)
