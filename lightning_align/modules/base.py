@@ -122,8 +122,8 @@ class AlignModule(L.LightningModule):
         torch_dtype: str | None = None,
         nonfinite: str = "stop",
     ):
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+        if not learning_rate >= 0:
+            raise ValueError(f"learning_rate must not be negative, got {learning_rate}")
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
             raise ValueError(
                 f"warmup_steps must be >= 0 and min_lr_ratio in [0, 1], got {warmup_steps}, {min_lr_ratio}"

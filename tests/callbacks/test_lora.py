@@ -71,8 +71,8 @@ def test_lora_saves_the_adapter_with_each_checkpoint(tiny_model, plain_task_file
     dm = SFTDataModule(tiny_model, plain_task_files["sft_train"], batch_size=8)
     fit = trainer(tmp_path, max_steps=4, callbacks=[LoRA(r=4), ckpt], enable_checkpointing=True)
     fit.fit(SFTModule(tiny_model), datamodule=dm)
-    assert (tmp_path / "adapter" / "step-2" / "adapter_model.safetensors").exists()
-    assert (tmp_path / "adapter" / "step-4" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "ckpt" / "adapter-step-2" / "adapter_model.safetensors").exists()  # beside the checkpoints
+    assert (tmp_path / "ckpt" / "adapter-step-4" / "adapter_model.safetensors").exists()
     checkpoint = torch.load(tmp_path / "ckpt" / "epoch=0-step=4.ckpt", weights_only=False)
     assert checkpoint["adapter_config"]["r"] == 4
 

@@ -188,7 +188,7 @@ def test_a_chat_opening_with_an_assistant_turn_names_the_row(tiny_model, tmp_pat
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda model: SFTModule(model, learning_rate=-1e-5), "learning_rate must be positive, got -1e-05"),
+        (lambda model: SFTModule(model, learning_rate=-1e-5), "learning_rate must not be negative, got -1e-05"),
         (lambda model: SFTDataModule(model, "x.jsonl", batch_size=0), "batch_size must be at least 1 and max_length"),
     ],
 )
