@@ -12,8 +12,10 @@ import re
 import sys
 from pathlib import Path
 
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from lightning_align.callbacks.progress import StepProgressBar
 from lightning_align.data.base import AlignDataModule
 from lightning_align.data.sources import DataError
 from lightning_align.modules.base import AlignModule
@@ -77,6 +79,16 @@ class AlignCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # The bar counts optimiser steps where max_steps bounds the run, unless the config has no bar or its own.
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in [*given, *callbacks]
+        ):
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")

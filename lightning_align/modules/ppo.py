@@ -263,6 +263,8 @@ class PPOModule(AlignModule):
         n = len(rollout["sequences"])
         for _ in range(self.ppo_epochs):
             for index in torch.randperm(n, device=rollout["sequences"].device).split(self.minibatch_size):
+                if self.steps_left() == 0:  # max_steps counts optimiser steps: stop mid rollout batch
+                    break
                 logprobs, entropy, values = self.response_forward(
                     self.model,
                     rollout["sequences"][index],
@@ -298,6 +300,10 @@ class PPOModule(AlignModule):
                 ):
                     totals.setdefault(name, []).append(value.item())
         return {name: sum(values) / len(values) for name, values in totals.items()}
+
+    def steps_left(self) -> int | None:
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        return None if max_steps is None or max_steps < 0 else max(0, max_steps - self.global_step)
 
     def training_step(self, batch, batch_idx):
         started = time.perf_counter()
