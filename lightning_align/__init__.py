@@ -6,7 +6,14 @@ import logging
 # hub: nothing a user of this library has to act on, and it printed on every run, QLoRA or not.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from lightning_align.callbacks import ExportPretrained, GenerationSamples, LastCheckpoint, LoRA, QLoRA  # noqa: E402
+from lightning_align.callbacks import (  # noqa: E402
+    ExportPretrained,
+    GenerationSamples,
+    LastCheckpoint,
+    LoRA,
+    QLoRA,
+    StepProgressBar,
+)
 from lightning_align.data import DataError, PreferenceDataModule, PromptDataModule, SFTDataModule  # noqa: E402
 from lightning_align.modules import AlignModule, DPOModule, PPOModule, RewardModule, SFTModule  # noqa: E402
 
@@ -26,4 +33,5 @@ __all__ = [
     "RewardModule",
     "SFTDataModule",
     "SFTModule",
+    "StepProgressBar",
 ]
