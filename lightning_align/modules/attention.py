@@ -11,11 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lightning_align.data.collate import example_spans as packed_examples
-
-WITHIN_EXAMPLES = "lightning_align_within_examples"
 
 
 def within_examples_attention(
@@ -72,8 +69,11 @@ def example_attention(q, k, v, dropout: float, scaling: float, sliding_window: i
     return torch.matmul(weights, v)
 
 
-AttentionInterface.register(WITHIN_EXAMPLES, within_examples_attention)
-AttentionMaskInterface.register(WITHIN_EXAMPLES, sdpa_mask)
+# The kernel answers to Hugging Face's own "sdpa" name: without `packed_examples` it is Hugging Face's sdpa
+# attention itself; with them (passed only by this library, for packed rows) it attends inside each example. Under
+# the same name, activation checkpointing's recomputation, which runs after our forward has returned but with the
+# same keyword arguments, takes the same path.
+AttentionInterface.register("sdpa", within_examples_attention)
 
 
 def unwrapped(model):
@@ -83,31 +83,26 @@ def unwrapped(model):
 
 def attends_within_examples(model, device: torch.device) -> bool:
     """Whether the attention of packed rows costs only each example's own (so examples may share one row at no
-    cost): this module's kernel (sdpa attention, on a CPU, no activation checkpointing, which would recompute
-    the layers outside `attention_within_examples`) or Hugging Face's variable-length flash attention."""
+    cost): this module's kernel (sdpa attention on a CPU) or Hugging Face's variable-length flash attention."""
     base = unwrapped(model)
     implementation = getattr(getattr(base, "config", None), "_attn_implementation", None) or ""
     if implementation.startswith("flash_attention"):
         return True
-    return implementation == "sdpa" and device.type == "cpu" and not getattr(base, "is_activation_checkpointing", False)
+    return implementation == "sdpa" and device.type == "cpu"
 
 
 @contextmanager
 def attention_within_examples(model, inputs: dict, enabled: bool = True) -> Iterator[dict]:
     """Extra forward arguments under which the attention of a packed batch (`position_ids` restarting at each
-    example, no attention mask) stays inside each example, for the forward passes run in this context.
+    example, no attention mask) stays inside each example: `packed_examples`, which the model passes down to its
+    attention function (`within_examples_attention`, under the name "sdpa").
 
-    Yields no arguments, and leaves the model as it is, unless the model uses sdpa attention on a CPU and no
-    activation checkpointing (`attends_within_examples`).
+    Yields no arguments unless `enabled`, the batch is packed and the model uses sdpa attention on a CPU.
     """
     base = unwrapped(model)
     packed = "position_ids" in inputs and inputs.get("attention_mask") is None
     sdpa = getattr(getattr(base, "config", None), "_attn_implementation", None) == "sdpa"
-    if not (enabled and packed and sdpa and attends_within_examples(model, inputs["input_ids"].device)):
+    if not (enabled and packed and sdpa and inputs["input_ids"].device.type == "cpu"):
         yield {}
         return
-    base.config._attn_implementation = WITHIN_EXAMPLES
-    try:
-        yield {"packed_examples": packed_examples(inputs["position_ids"])}
-    finally:
-        base.config._attn_implementation = "sdpa"
+    yield {"packed_examples": packed_examples(inputs["position_ids"])}

@@ -65,8 +65,9 @@ def test_sft_loss_by_the_chosen_path_equals_the_models_own_padded_forward(name, 
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_dpo_logps_by_the_chosen_path_equal_the_models_own_padded_forward(name, model_folders, tmp_path):
-    module = ready(DPOModule(model_folders(name)), tmp_path=tmp_path)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_dpo_logps_by_the_chosen_path_equal_the_models_own_padded_forward(name, checkpointing, model_folders, tmp_path):
+    module = ready(DPOModule(model_folders(name), gradient_checkpointing=checkpointing), tmp_path=tmp_path)
     batch = padded(random_examples(module.model.config.vocab_size))
     plan = module.scoring_plan(module.model, batch)
     assert plan == fastest_plan(module.model, module.device) and plan.proven
@@ -80,9 +81,10 @@ def test_dpo_logps_by_the_chosen_path_equal_the_models_own_padded_forward(name, 
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_rewards_by_the_chosen_path_equal_the_models_own_padded_forward(name, model_folders, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_rewards_by_the_chosen_path_equal_the_models_own_padded_forward(name, checkpointing, model_folders, tmp_path):
     torch.manual_seed(0)
-    module = ready(RewardModule(model_folders(name)), tmp_path=tmp_path)
+    module = ready(RewardModule(model_folders(name), gradient_checkpointing=checkpointing), tmp_path=tmp_path)
     batch = padded(random_examples(module.model.config.vocab_size))
     plan = module.scoring_plan(batch)
     assert plan == fastest_plan(module.model, module.device, packing=plan.packed) and plan.proven

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_align.modules.attention import WITHIN_EXAMPLES, attention_within_examples, packed_examples
+from lightning_align.modules.attention import attention_within_examples, packed_examples
 from lightning_align.modules.base import causal_lm_logits
 
 
@@ -23,16 +23,20 @@ def packed_batch(tiny_model, plain_task_files):
     return batch
 
 
-def test_within_examples_logits_and_gradients_equal_the_block_masked_sdpa(tiny_model, packed_batch):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_within_examples_logits_and_gradients_equal_the_block_masked_sdpa(tiny_model, packed_batch, checkpointing):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert model.config._attn_implementation == "sdpa"
+    if checkpointing:  # the backward pass recomputes each layer: it must take the same kernel
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     results = []
     for within in (True, False):
         model.zero_grad()
         if within:
-            logits = causal_lm_logits(model, packed_batch)
+            logits = causal_lm_logits(model, packed_batch, within_examples=True)
         else:  # Hugging Face's own handling of packed rows: one block-diagonal mask over the whole row
             logits = model(**packed_batch, use_cache=False).logits
         (logits.square().mean()).backward()
@@ -41,19 +45,17 @@ def test_within_examples_logits_and_gradients_equal_the_block_masked_sdpa(tiny_m
     torch.testing.assert_close(within, masked, rtol=1e-5, atol=1e-5)
     for name, grad in masked_grads.items():
         torch.testing.assert_close(within_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert model.config._attn_implementation == "sdpa"  # switched back after the forward
 
 
-def test_the_switch_is_made_only_for_packed_rows_and_undone_after(tiny_model, packed_batch):
+def test_the_kernel_gets_the_examples_only_for_packed_rows_and_is_sdpa_otherwise(tiny_model, packed_batch):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     with attention_within_examples(model, packed_batch) as extra:
-        assert model.config._attn_implementation == WITHIN_EXAMPLES and "packed_examples" in extra
-    assert model.config._attn_implementation == "sdpa"
+        assert extra["packed_examples"] == packed_examples(packed_batch["position_ids"])
+    with attention_within_examples(model, packed_batch, enabled=False) as extra:
+        assert extra == {}
     padded = {"input_ids": packed_batch["input_ids"], "attention_mask": torch.ones_like(packed_batch["input_ids"])}
     with attention_within_examples(model, padded) as extra:
-        assert extra == {} and model.config._attn_implementation == "sdpa"
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    with attention_within_examples(model, packed_batch) as extra:  # recomputed layers would miss the switch
-        assert extra == {} and model.config._attn_implementation == "sdpa"
+        assert extra == {}
+    assert model.config._attn_implementation == "sdpa"  # the model is never switched to another implementation
