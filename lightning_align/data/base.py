@@ -21,10 +21,14 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None, what: st
     the setting the name came from in errors ("model" when a module loads its model's tokenizer)."""
     from transformers import AutoTokenizer
 
-    from lightning_align.demos.assets import resolve_model, why_not_loaded
+    from lightning_align.demos.assets import hub_problem, resolve_model, why_not_loaded
 
+    path = resolve_model(name_or_path)
+    problem = hub_problem(str(path))
+    if problem:
+        raise DataError(f"{what} '{name_or_path}' could not be loaded: {problem}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise DataError(f"{what} '{name_or_path}' could not be loaded: {why_not_loaded(name_or_path, err)}") from None
     if chat_template is not None:

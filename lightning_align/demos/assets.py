@@ -47,6 +47,32 @@ def resolve_data(source):
     return str(folder / f"{name}.jsonl")
 
 
+def hub_problem(name_or_path: str) -> str | None:
+    """Why a name that is no local folder cannot load, found in about a second (transformers' own retries take
+    most of a minute offline), or None when it may load: a local path, offline mode or a cached copy, or a model
+    the Hugging Face hub knows."""
+    import os
+    from pathlib import Path
+
+    local = Path(name_or_path).exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if local or os.environ.get("HF_HUB_OFFLINE"):  # a folder (present or not), or the hub not to be asked
+        return None
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        if any(
+            isinstance(try_to_load_from_cache(name_or_path, f), str) for f in ("config.json", "tokenizer_config.json")
+        ):
+            return None
+        HfApi().model_info(name_or_path, timeout=5)
+    except RepositoryNotFoundError:
+        return "there is no such folder here, and the Hugging Face hub has no model of that name (private or misspelt)"
+    except Exception:  # noqa: BLE001 - no network, a bad name for the hub: either way it cannot load from there
+        return "there is no such folder here, and the Hugging Face hub could not be reached for it (offline?)"
+    return None
+
+
 def why_not_loaded(name_or_path: str, err: Exception) -> str:
     """What a user can act on when a model or tokenizer does not load: a local folder that lacks the files, or a
     name that is neither a folder here nor a model the Hugging Face hub gave (offline, private or misspelt)."""

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -43,6 +44,13 @@ class ModelAdapter:
 
 NONFINITE_POLICIES = ("stop", "skip")
 
+if TYPE_CHECKING:
+    ModelSource = str | nn.Module
+else:
+    # A model name or folder, or an `nn.Module` instance. The CLI reads the annotation at run time, where it is `str`:
+    # as `str | nn.Module` its help listed every `nn.Module` subclass in the process (over 500 lines).
+    ModelSource = str
+
 
 BATCH_KINDS = {
     "sft": "token sequences with labels",
@@ -73,10 +81,14 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def load_pretrained(name_or_path: str, auto_class: type, **kwargs) -> nn.Module:
-    from lightning_align.demos.assets import resolve_model, why_not_loaded
+    from lightning_align.demos.assets import hub_problem, resolve_model, why_not_loaded
 
+    path = resolve_model(name_or_path)
+    problem = hub_problem(str(path))
+    if problem:
+        raise FileNotFoundError(f"model '{name_or_path}' could not be loaded: {problem}")
     try:
-        return auto_class.from_pretrained(resolve_model(name_or_path), **kwargs)
+        return auto_class.from_pretrained(path, **kwargs)
     except OSError as err:
         raise FileNotFoundError(
             f"model '{name_or_path}' could not be loaded: {why_not_loaded(name_or_path, err)}"
@@ -112,7 +124,7 @@ class AlignModule(L.LightningModule):
 
     def __init__(
         self,
-        model: str | nn.Module,
+        model: ModelSource,
         learning_rate: float = 1e-5,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),

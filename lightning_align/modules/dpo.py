@@ -13,7 +13,7 @@ from lightning_align.losses import (
     dpo_loss,
     simpo_loss,
 )
-from lightning_align.modules.base import AlignModule, disable_dropout, in_row_order, plan_token_logps
+from lightning_align.modules.base import AlignModule, ModelSource, disable_dropout, in_row_order, plan_token_logps
 from lightning_align.modules.ref_cache import (
     RefLogpsCache,
     examples_fingerprint,
@@ -92,7 +92,7 @@ class DPOModule(AlignModule):
 
     def __init__(
         self,
-        model: str | nn.Module,
+        model: ModelSource,
         beta: float = 0.1,
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,

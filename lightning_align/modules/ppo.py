@@ -10,7 +10,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lightning_align.losses import gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
-from lightning_align.modules.base import AlignModule, disable_dropout
+from lightning_align.modules.base import AlignModule, ModelSource, disable_dropout
 from lightning_align.modules.reference import Reference
 from lightning_align.modules.rewards import RewardFunction, checked_scores, resolve_reward
 
@@ -86,7 +86,7 @@ class PPOModule(AlignModule):
 
     def __init__(
         self,
-        policy: str | nn.Module,
+        policy: ModelSource,
         reward: str | RewardFunction,
         max_new_tokens: int = 16,
         temperature: float = 1.0,

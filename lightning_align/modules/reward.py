@@ -11,7 +11,7 @@ from lightning_align.data.sources import Row
 from lightning_align.data.tokenize import adds_bos, encode_segments
 from lightning_align.losses import pairwise_reward_loss
 from lightning_align.modules.attention import unwrapped
-from lightning_align.modules.base import AlignModule, disable_dropout, last_hidden_state
+from lightning_align.modules.base import AlignModule, ModelSource, disable_dropout, last_hidden_state
 from lightning_align.modules.scoring import CHECKED_ROWS, Scoring, ScoringPlan
 
 
@@ -38,7 +38,7 @@ class RewardModule(AlignModule):
 
     def __init__(
         self,
-        model: str | nn.Module,
+        model: ModelSource,
         padding_free: bool = True,
         scoring_check: str = "fallback",
         disable_dropout: bool = True,

@@ -195,3 +195,14 @@ def test_a_chat_opening_with_an_assistant_turn_names_the_row(tiny_model, tmp_pat
 def test_bad_numbers_are_refused_naming_the_option(tiny_model, build, message):
     with pytest.raises(ValueError, match=message):
         build(tiny_model)
+
+
+def test_an_unknown_model_name_fails_in_seconds_saying_why(tmp_path):
+    import time
+
+    from lightning_align.data.base import load_tokenizer
+
+    started = time.perf_counter()
+    with pytest.raises(DataError, match="'no-org/no-such-model' could not be loaded: there is no such folder here"):
+        load_tokenizer("no-org/no-such-model")
+    assert time.perf_counter() - started < 20  # transformers' own retries took about 50 s offline
