@@ -1,10 +1,17 @@
 """Fine-tune and align Hugging Face causal LMs the Lightning way."""
 
 import logging
+import warnings
 
-# bitsandbytes says on import, on some CPUs, that an optional faster 4-bit kernel could not be fetched from the
-# hub: nothing a user of this library has to act on, and it printed on every run, QLoRA or not.
+# Messages of our dependencies about each other that a user of this library cannot act on, printed on every run:
+# bitsandbytes' optional faster 4-bit CPU kernel (fetched from the hub, so never here), transformers' and
+# Lightning's deprecations of names that peft and Lightning themselves still use, and Lightning's advert.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: "litlogger" not in record.getMessage()
+)
 
 from lightning_align.callbacks import (  # noqa: E402
     ExportPretrained,
