@@ -51,16 +51,15 @@ class SFTModule(AlignModule):
 
     def scoring_plan(self, batch: dict) -> ScoringPlan:
         """How the model scores batches: decided (and checked on a few of this batch's rows) at the first one."""
-        if is_packed(batch):
-            rows = unpack(batch, limit=CHECKED_ROWS)
-        else:
-            rows = {key: batch[key][:CHECKED_ROWS] for key in ("input_ids", "attention_mask", "labels")}
-        return self.scoring.plan(
-            self.model,
-            lambda plan: in_row_order(*plan_token_logps(self.model, rows, plan)),
-            batch["input_ids"].device,
-            sharded=self.weights_sharded,
-        )
+
+        def score(plan: ScoringPlan) -> torch.Tensor:  # called only while the plan is decided, not every step
+            if is_packed(batch):
+                rows = unpack(batch, limit=CHECKED_ROWS)
+            else:
+                rows = {key: batch[key][:CHECKED_ROWS] for key in ("input_ids", "attention_mask", "labels")}
+            return in_row_order(*plan_token_logps(self.model, rows, plan))
+
+        return self.scoring.plan(self.model, score, batch["input_ids"].device, sharded=self.weights_sharded)
 
     def scored_loss(self, batch: dict, num_scored_tokens=None) -> torch.Tensor:
         """`sft_loss`, scored as the model's `ScoringPlan` says: packed batches stay packed only where the model's
