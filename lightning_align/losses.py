@@ -205,6 +205,15 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "simpo")  # where label smoothing has a meaning
 
 
+def check_label_smoothing(loss_type: str, label_smoothing: float) -> None:
+    """Refuse label smoothing for a loss that defines none, rather than ignore it."""
+    if label_smoothing and loss_type not in SMOOTHED_LOSS_TYPES:
+        raise ValueError(
+            f"label_smoothing is not defined for loss_type={loss_type!r}; it applies to "
+            f"{', '.join(SMOOTHED_LOSS_TYPES)}"
+        )
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -230,11 +239,7 @@ def dpo_loss(
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES + ('simpo',))}")
-    if label_smoothing and loss_type not in SMOOTHED_LOSS_TYPES:
-        raise ValueError(
-            f"label_smoothing is not defined for loss_type={loss_type!r}; it applies to "
-            f"{', '.join(SMOOTHED_LOSS_TYPES)}"
-        )
+    check_label_smoothing(loss_type, label_smoothing)
     chosen_ratio = policy_chosen_logps - ref_chosen_logps
     rejected_ratio = policy_rejected_logps - ref_rejected_logps
     h = chosen_ratio - rejected_ratio

@@ -178,6 +178,8 @@ class AlignModule(L.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if adapter is not None:
             self.model = adapter.adapt(self.model, self)
+        if getattr(self, "disable_dropout", False):  # the modules that take `disable_dropout` (DPO, reward, PPO)
+            disable_dropout(self.model)
         # from_pretrained returns eval mode, and Lightning keeps module modes as they are: dropout would stay off.
         self.model.train()
         self.model_ready = True

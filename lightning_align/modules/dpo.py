@@ -9,11 +9,11 @@ from torchmetrics import MeanMetric
 
 from lightning_align.losses import (
     DPO_LOSS_TYPES,
-    SMOOTHED_LOSS_TYPES,
+    check_label_smoothing,
     dpo_loss,
     simpo_loss,
 )
-from lightning_align.modules.base import AlignModule, ModelSource, disable_dropout, in_row_order, plan_token_logps
+from lightning_align.modules.base import AlignModule, ModelSource, in_row_order, plan_token_logps
 from lightning_align.modules.ref_cache import (
     RefLogpsCache,
     examples_fingerprint,
@@ -109,11 +109,7 @@ class DPOModule(AlignModule):
     ):
         if loss_type not in DPO_LOSS_TYPES + ("simpo",):
             raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES + ('simpo',))}")
-        if label_smoothing and loss_type not in SMOOTHED_LOSS_TYPES:
-            raise ValueError(
-                f"label_smoothing is not defined for loss_type={loss_type!r}; it applies to "
-                f"{', '.join(SMOOTHED_LOSS_TYPES)}"
-            )
+        check_label_smoothing(loss_type, label_smoothing)
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}: it scales the implicit reward (DPO uses about 0.1)")
         super().__init__(model, **kwargs)
@@ -142,8 +138,6 @@ class DPOModule(AlignModule):
 
     def configure_model(self) -> None:
         super().configure_model()
-        if self.disable_dropout:
-            disable_dropout(self.model)
         if self.reference is None and not self.reference_free:
             explicit = None if self.ref_model_path is None else frozen(self.load_model(self.ref_model_path))
             self.reference = Reference(self.model, explicit)

@@ -135,10 +135,8 @@ class PPOModule(AlignModule):
         super().configure_model()
         if self.critic_source is not None and self.critic is None:
             self.critic = load_critic(self.critic_source, self.model.config.vocab_size)
-        if self.disable_dropout:
-            for network in (self.model, self.critic):
-                if network is not None:
-                    disable_dropout(network)
+        if self.disable_dropout and self.critic is not None:  # the policy's is off already (AlignModule)
+            disable_dropout(self.critic)
         if self.critic_source is None and self.value_head is None:
             self.value_head = nn.Linear(self.model.config.hidden_size, 1)
             nn.init.zeros_(self.value_head.weight)

@@ -11,7 +11,7 @@ from lightning_align.data.sources import Row
 from lightning_align.data.tokenize import adds_bos, encode_segments
 from lightning_align.losses import pairwise_reward_loss
 from lightning_align.modules.attention import unwrapped
-from lightning_align.modules.base import AlignModule, ModelSource, disable_dropout, last_hidden_state
+from lightning_align.modules.base import AlignModule, ModelSource, last_hidden_state
 from lightning_align.modules.scoring import CHECKED_ROWS, Scoring, ScoringPlan
 
 
@@ -49,11 +49,6 @@ class RewardModule(AlignModule):
         self.scoring = Scoring(scoring_check)
         self.disable_dropout = disable_dropout
         self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
-
-    def configure_model(self) -> None:
-        super().configure_model()
-        if self.disable_dropout:
-            disable_dropout(self.model)
 
     def load_model(self, name_or_path: str | None = None, **kwargs) -> nn.Module:
         kwargs.setdefault("num_labels", 1)
