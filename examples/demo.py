@@ -108,7 +108,9 @@ def main() -> None:
     rows.append(("Reward model", "held-out pair accuracy", before, after))
 
     # 4. PPO from the SFT model with LoRA, against the trained reward model.
-    prompts = PromptDataModule(sft_path, data["prompts_train"], data["prompts_val"], batch_size=32)
+    prompts = PromptDataModule(
+        sft_path, data["prompts_train"], data["prompts_val"], batch_size=32, apply_chat_template=False
+    )  # the SFT stage trained on plain prompt/completion rows
     ppo = PPOModule(
         sft_path, reward=reward_path, max_new_tokens=12, kl_coef=0.1, whiten_scores=True, learning_rate=2e-3
     )

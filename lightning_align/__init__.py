@@ -22,7 +22,14 @@ from lightning_align.callbacks import (  # noqa: E402
     StepProgressBar,
 )
 from lightning_align.data import DataError, PreferenceDataModule, PromptDataModule, SFTDataModule  # noqa: E402
-from lightning_align.modules import AlignModule, DPOModule, PPOModule, RewardModule, SFTModule  # noqa: E402
+from lightning_align.modules import (  # noqa: E402
+    AlignModule,
+    DPOModule,
+    GRPOModule,
+    PPOModule,
+    RewardModule,
+    SFTModule,
+)
 
 __version__ = "0.1.0.dev0"
 __all__ = [
@@ -30,6 +37,7 @@ __all__ = [
     "DPOModule",
     "DataError",
     "ExportPretrained",
+    "GRPOModule",
     "GenerationSamples",
     "LastCheckpoint",
     "LoRA",

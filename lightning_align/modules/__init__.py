@@ -1,7 +1,19 @@
 from lightning_align.modules.base import AlignModule
 from lightning_align.modules.dpo import DPOModule
+from lightning_align.modules.grpo import GRPOModule
+from lightning_align.modules.online import OnlineRLModule
 from lightning_align.modules.ppo import PPOModule
 from lightning_align.modules.reward import RewardModule
+from lightning_align.modules.rewards import Rewards
 from lightning_align.modules.sft import SFTModule
 
-__all__ = ["AlignModule", "DPOModule", "PPOModule", "RewardModule", "SFTModule"]
+__all__ = [
+    "AlignModule",
+    "DPOModule",
+    "GRPOModule",
+    "OnlineRLModule",
+    "PPOModule",
+    "RewardModule",
+    "Rewards",
+    "SFTModule",
+]

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from lightning_align import LoRA, PPOModule, PromptDataModule
+from lightning_align.modules.online import response_forward
 from lightning_align.modules.ppo import AdaptiveKLController, response_mask
+from lightning_align.modules.scoring import SAFE_PLAN
 from tests.conftest import ready, trainer
 
 
@@ -13,7 +15,9 @@ def starts_with_one(prompts, completions):
 
 
 def prompts(model_path, task_files, batch_size=8):
-    dm = PromptDataModule(model_path, task_files["prompts_train"], task_files["prompts_val"], batch_size=batch_size)
+    dm = PromptDataModule(
+        model_path, task_files["prompts_train"], task_files["prompts_val"], batch_size=batch_size, apply_chat_template=False
+    )
     dm.setup("fit")
     return dm
 
@@ -41,14 +45,10 @@ def test_with_policy_equal_to_reference_kl_is_zero_everywhere_and_ratios_are_one
     batch = prompts(sft_model, task_files).collate(prompts(sft_model, task_files).train_set[:8])
     rollout = module.rollout(batch)  # a fresh LoRA adapter leaves the policy equal to the reference
     with module.reference(module.model) as ref:
-        ref_logprobs, _, _ = module.response_forward(
-            ref, rollout["sequences"], rollout["attention_mask"], rollout["prompt_length"], False
-        )
+        ref_logprobs, _ = module.response_logps(ref, rollout)
     assert torch.equal(rollout["logprobs"] * rollout["mask"], ref_logprobs * rollout["mask"])
     assert rollout["kl"] == 0
-    logprobs, _, _ = module.response_forward(
-        module.model, rollout["sequences"], rollout["attention_mask"], rollout["prompt_length"], True
-    )
+    logprobs, _ = module.response_logps(module.model, rollout)
     ratio = torch.exp(logprobs - rollout["logprobs"])[rollout["mask"].bool()]
     torch.testing.assert_close(ratio, torch.ones_like(ratio))
 
@@ -63,14 +63,12 @@ def test_lora_reference_logprobs_are_the_base_models(sft_model, task_files, tmp_
     dm = prompts(sft_model, task_files)
     rollout = module.rollout(dm.collate(dm.train_set[:8]))
     base = AutoModelForCausalLM.from_pretrained(sft_model).eval()
-    with torch.no_grad():
-        base_logprobs, _, _ = module.response_forward(
-            base, rollout["sequences"], rollout["attention_mask"], rollout["prompt_length"], False
+    with torch.no_grad():  # the base by its own padded forward; the reference by the module's scoring plan
+        base_logprobs, _ = response_forward(
+            base, *(rollout[k] for k in ("sequences", "attention_mask", "prompt_length", "mask")), SAFE_PLAN, 1.0
         )
         with module.reference(module.model) as ref:
-            ref_logprobs, _, _ = module.response_forward(
-                ref, rollout["sequences"], rollout["attention_mask"], rollout["prompt_length"], False
-            )
+            ref_logprobs, _ = module.response_logps(ref, rollout)
     mask = rollout["mask"].bool()
     torch.testing.assert_close(ref_logprobs[mask], base_logprobs[mask])
     assert not torch.allclose(rollout["logprobs"][mask], base_logprobs[mask])
@@ -131,7 +129,10 @@ METRICS = (
     "loss/policy",
     "loss/value",
     "response_length",
-    "time/rollout",
+    "completions/truncated",
+    "time/generate",
+    "time/reward",
+    "time/score",
     "time/learn",
 )
 
@@ -143,13 +144,15 @@ def train_on_the_task_reward(sft_model, task_files, tmp_path, callbacks=(), max_
     from lightning_align.demos import task_reward
 
     L.seed_everything(0)
-    dm = PromptDataModule(sft_model, task_files["prompts_train"], task_files["prompts_val"], batch_size=32)
+    dm = PromptDataModule(
+        sft_model, task_files["prompts_train"], task_files["prompts_val"], batch_size=32, apply_chat_template=False
+    )
     module = PPOModule(sft_model, reward=task_reward, max_new_tokens=12, kl_coef=0.1, **options)
     fit = trainer(tmp_path, max_steps=max_steps, limit_val_batches=4, callbacks=list(callbacks))
     fit.validate(module, datamodule=dm)
     before = fit.callback_metrics["val/reward"].item()
     fit.fit(module, datamodule=dm)
-    logged = {name: fit.callback_metrics[name].item() for name in METRICS if name in fit.callback_metrics}
+    logged = module.logged_rollout
     fit.validate(module, datamodule=dm)
     return module, before, fit.callback_metrics["val/reward"].item(), logged
 
@@ -177,7 +180,9 @@ def test_ppo_with_lora_raises_the_heldout_task_reward_too(sft_model, task_files,
 
 def test_ppo_learns_a_simple_reward_fast(sft_model, task_files, tmp_path):
     torch.manual_seed(0)
-    dm = PromptDataModule(sft_model, task_files["prompts_train"], task_files["prompts_val"], batch_size=32)
+    dm = PromptDataModule(
+        sft_model, task_files["prompts_train"], task_files["prompts_val"], batch_size=32, apply_chat_template=False
+    )
     module = PPOModule(sft_model, reward=starts_with_one, max_new_tokens=8, learning_rate=1e-3, kl_coef=0.0)
     fit = trainer(tmp_path, max_steps=60, limit_val_batches=4)
     fit.validate(module, datamodule=dm)
@@ -198,21 +203,23 @@ def test_sft_reward_model_ppo_chain_scores_with_the_trained_reward_model(sft_mod
     trainer(tmp_path / "rm", max_steps=20).fit(reward_model, datamodule=pairs)
     folder = str(reward_model.save_pretrained(tmp_path / "rm" / "export"))
 
-    dm = PromptDataModule(sft_model, task_files["prompts_train"], task_files["prompts_val"], batch_size=8)
+    dm = PromptDataModule(
+        sft_model, task_files["prompts_train"], task_files["prompts_val"], batch_size=8, apply_chat_template=False
+    )
     module = PPOModule(sft_model, reward=folder, critic=folder, max_new_tokens=6, learning_rate=1e-4, minibatch_size=8)
     fit = trainer(tmp_path / "ppo", max_steps=4, limit_val_batches=1)
     fit.fit(module, datamodule=dm)
-    assert isinstance(module.reward_fn, RewardModelScorer)
+    assert isinstance(module.rewards.functions[0], RewardModelScorer)
     assert module.value_head is None and module.critic is not None
     start = reward_model.model.state_dict()
     moved = [name for name, value in module.critic.state_dict().items() if not torch.equal(value, start[name])]
     assert "score.weight" in moved and len(moved) > 10  # the critic trains, head and body
-    assert torch.isfinite(fit.callback_metrics["reward/mean"])
+    assert torch.isfinite(fit.callback_metrics["reward"])
     dm.setup("fit")
     batch = dm.collate(dm.val_set[:4])
-    completions, _, ended = module.completions(module.generate(batch, greedy=True), batch["input_ids"].shape[1])
+    completions, _, _ = module.completions(module.generate(batch, greedy=True), batch["input_ids"].shape[1])
     expected = reward_model.score(batch["prompts"], completions)
-    torch.testing.assert_close(module.scores(batch["prompts"], completions, ended), expected)
+    torch.testing.assert_close(module.scores(batch, completions)[1], expected)
 
 
 def test_separate_critic_values_are_the_reward_models_score_at_every_position(sft_model, task_files, tmp_path):

@@ -1,0 +1,208 @@
+"""Critic-free online RL on the rollout machinery of PPO: GRPO (with Dr. GRPO's and DAPO's forms), RLOO and
+REINFORCE++. No value model: the baseline is the other samples of the same prompt, or the batch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from lightning_align.losses import (
+    LOSS_AGGREGATIONS,
+    SCALE_REWARDS,
+    clipped_policy_loss,
+    group_advantages,
+    kl_penalty,
+    masked_mean,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
+from lightning_align.modules.base import ModelSource
+from lightning_align.modules.online import OnlineRLModule
+from lightning_align.modules.rewards import RewardSource
+
+ADVANTAGES = ("grpo", "rloo", "reinforce++")
+
+
+class GRPOModule(OnlineRLModule):
+    """Group Relative Policy Optimization (Shao et al. 2024) and its critic-free relatives, on `PromptDataModule`
+    prompts against reward functions (verifiers) or reward models.
+
+    Args:
+        policy: the model to train (name, folder or `nn.Module`).
+        rewards, reward_weights, reward_aggregation: one reward or several, weighted (see `OnlineRLModule`); a
+            verifier function reads the prompt row's fields, e.g. `answer`.
+        advantage: "grpo" (group-normalised rewards, `group_advantages`), "rloo" (leave-one-out baseline,
+            `rloo_advantages`) or "reinforce++" (per-token KL-shaped rewards, returns normalised over the batch,
+            `reinforce_pp_advantages`).
+        num_generations: samples per prompt (the group); a rollout batch is `batch_size * num_generations`.
+        scale_rewards: GRPO's "group" std, the "batch" std, or "none" (Dr. GRPO).
+        loss_aggregation: "grpo" (per-sequence mean), "dr_grpo" (constant normaliser) or "dapo" (token mean over
+            the generation batch); see `clipped_policy_loss`.
+        epsilon, epsilon_high: the ratio clip, [1 - epsilon, 1 + epsilon_high] (DAPO's clip-higher: 0.28).
+        num_iterations: learning passes over each generation batch (GRPO's mu); minibatch_size: samples per
+            optimiser step (default: the whole generation batch, one step per pass).
+        beta: KL to the reference. GRPO and RLOO add beta * k3 to the loss; REINFORCE++ subtracts beta * KL_t
+            (k1) from each token's reward. None: 0 for GRPO and RLOO (no reference model is kept: TRL's default
+            and Dr. GRPO's finding), 0.01 for REINFORCE++.
+        mask_truncated_completions: leave completions that hit `max_new_tokens` without EOS out of the loss
+            (DAPO's overlong filtering).
+        Other arguments as `OnlineRLModule` (sampling, `max_grad_norm`, `disable_dropout`, `scoring_check`) and
+        `AlignModule`.
+
+    `max_steps` counts optimiser steps: `num_iterations * ceil(batch * num_generations / minibatch_size)` per
+    rollout batch (1 with the defaults).
+    """
+
+    def __init__(
+        self,
+        policy: ModelSource,
+        rewards: RewardSource | Sequence[RewardSource],
+        advantage: str = "grpo",
+        num_generations: int = 8,
+        scale_rewards: str = "group",
+        loss_aggregation: str = "grpo",
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        num_iterations: int = 1,
+        minibatch_size: int | None = None,
+        beta: float | None = None,
+        mask_truncated_completions: bool = False,
+        reward_weights: list[float] | None = None,
+        reward_aggregation: str = "sum_then_normalize",
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        **kwargs,
+    ):
+        if advantage not in ADVANTAGES:
+            raise ValueError(f"unknown advantage {advantage!r}; valid: {', '.join(ADVANTAGES)}")
+        if scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"unknown scale_rewards {scale_rewards!r}; valid: {', '.join(SCALE_REWARDS)}")
+        if loss_aggregation not in LOSS_AGGREGATIONS:
+            raise ValueError(f"unknown loss_aggregation {loss_aggregation!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
+        if num_generations < 1 or num_iterations < 1 or (minibatch_size is not None and minibatch_size < 1):
+            raise ValueError("num_generations, num_iterations and minibatch_size must be at least 1")
+        if advantage in ("grpo", "rloo") and num_generations < 2:
+            raise ValueError(f"advantage={advantage!r} compares the samples of a prompt: num_generations must be >= 2")
+        if advantage != "grpo" and scale_rewards != "group":
+            raise ValueError(f"scale_rewards is GRPO's setting; advantage={advantage!r} does not use it")
+        super().__init__(
+            policy,
+            rewards,
+            reward_weights,
+            reward_aggregation,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            **kwargs,
+        )
+        self.advantage = advantage
+        self.num_generations = num_generations
+        self.scale_rewards = scale_rewards
+        self.loss_aggregation = loss_aggregation
+        self.epsilon, self.epsilon_high = epsilon, epsilon_high
+        self.num_iterations, self.minibatch_size = num_iterations, minibatch_size
+        self.beta = beta if beta is not None else (0.01 if advantage == "reinforce++" else 0.0)
+        self.mask_truncated_completions = mask_truncated_completions
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.beta != 0
+
+    # ----- rollout -----------------------------------------------------------------------------------------------
+    def several_steps(self, samples: int) -> bool:
+        """Whether the policy moves between the rollout and a learning pass (then the rollout's log-probs are
+        needed as pi_old; else pi_old is the learning pass's own, detached)."""
+        return self.num_iterations > 1 or (self.minibatch_size or samples) < samples
+
+    @torch.no_grad()
+    def rollout(self, batch: dict) -> dict:
+        rollout = self.sample(batch, self.num_generations)
+        started = time.perf_counter()
+        mask = rollout["mask"]
+        if self.mask_truncated_completions:
+            mask = rollout["loss_mask"] = mask * rollout["ended"][:, None].float()
+        else:
+            rollout["loss_mask"] = mask
+        samples = len(rollout["sequences"])
+        if self.several_steps(samples) or self.advantage == "reinforce++":
+            rollout["logprobs"], _ = self.response_logps(self.model, rollout)
+        if self.reference is not None:
+            with self.reference(self.model) as reference:
+                rollout["ref_logprobs"], _ = self.response_logps(reference, rollout)
+        reward = rollout["reward"]
+        if self.advantage == "grpo":
+            rollout["advantages"] = group_advantages(reward, self.num_generations, self.scale_rewards)
+        elif self.advantage == "rloo":
+            rollout["advantages"] = rloo_advantages(reward, self.num_generations)
+        else:
+            kl = kl_penalty(rollout["logprobs"], rollout["ref_logprobs"], "k1") if self.reference else 0 * mask
+            token_rewards = -self.beta * kl * rollout["mask"]
+            last = rollout["mask"].sum(-1).clamp(min=1).long() - 1
+            token_rewards[torch.arange(samples), last] += torch.nan_to_num(reward)
+            advantages = reinforce_pp_advantages(token_rewards, rollout["mask"])
+            rollout["advantages"] = torch.where(reward.isnan()[:, None], 0.0, advantages)
+            rollout["kl"] = float((kl * rollout["mask"]).sum(-1).mean())
+        rollout["time/score"] = time.perf_counter() - started
+        return rollout
+
+    # ----- learning ----------------------------------------------------------------------------------------------
+    def learn(self, rollout: dict) -> dict[str, float]:
+        totals: dict[str, list[float]] = {}
+        samples = len(rollout["sequences"])
+        size = self.minibatch_size or samples
+        minibatches = -(-samples // size)
+        # DAPO's token mean over the whole generation batch, spread evenly over its mini-batches.
+        num_tokens = rollout["loss_mask"].sum() / minibatches
+        for _ in range(self.num_iterations):
+            order = torch.randperm(samples, device=rollout["sequences"].device) if minibatches > 1 else None
+            for rows in (order.split(size) if order is not None else [slice(None)]):
+                if self.steps_left() == 0:  # max_steps counts optimiser steps: stop mid rollout batch
+                    break
+                logprobs, _ = self.response_logps(self.model, rollout, rows)
+                old = rollout["logprobs"][rows] if "logprobs" in rollout else logprobs.detach()
+                loss, stats = clipped_policy_loss(
+                    logprobs,
+                    old,
+                    rollout["advantages"][rows],
+                    rollout["loss_mask"][rows],
+                    self.epsilon,
+                    self.epsilon_high,
+                    self.loss_aggregation,
+                    ref_logprobs=rollout["ref_logprobs"][rows] if self.advantage != "reinforce++" and self.beta else None,
+                    beta=self.beta,
+                    max_completion_length=self.sampling["max_new_tokens"],
+                    num_tokens=num_tokens,
+                )
+                if not self.optimizer_step(loss):
+                    continue
+                stats["loss"] = loss.detach()
+                stats["entropy"] = masked_mean(-logprobs.detach(), rollout["mask"][rows])
+                for name, value in stats.items():
+                    totals.setdefault(name, []).append(float(value))
+        return {name: sum(values) / len(values) for name, values in totals.items()}
+
+    def training_step(self, batch, batch_idx):
+        rollout = self.rollout(batch)
+        learning = time.perf_counter()
+        learned = self.learn(rollout)
+        stats = self.reward_stats(rollout)
+        for name in ("loss", "clipfrac", "approx_kl", "entropy"):
+            if name in learned:
+                stats[name if name in ("loss", "entropy") else f"policy/{name}"] = learned[name]
+        if "kl" in learned or "kl" in rollout:
+            stats["kl"] = learned.get("kl", rollout.get("kl"))
+        if self.advantage != "reinforce++":
+            grouped = rollout["reward"].view(-1, self.num_generations)
+            stats["groups/zero_std"] = float((grouped.nan_to_num().std(1) == 0).float().mean())
+        stats |= {
+            "time/generate": rollout["time/generate"],
+            "time/reward": rollout["time/reward"],
+            "time/score": rollout["time/score"],
+            "time/learn": time.perf_counter() - learning,
+        }
+        self.log_rollout(stats, len(rollout["sequences"]))

@@ -1,0 +1,292 @@
+"""What the online RL methods share (PPO, GRPO, RLOO, REINFORCE++): sample responses to prompts, score them with
+one or several rewards, read the responses' log-probs through the chunked output layer, and learn with several
+optimiser steps per rollout batch, `max_steps` counting optimiser steps."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lightning_align.losses import output_layer_logps
+from lightning_align.modules.base import AlignModule, ModelSource, body_of, model_inputs
+from lightning_align.modules.reference import Reference, eval_mode
+from lightning_align.modules.rewards import Rewards, RewardSource
+from lightning_align.modules.scoring import CHECKED_ROWS, Scoring, ScoringPlan, output_weight
+
+# Shown in the progress bar (the rest goes to the loggers, every rollout batch).
+PROGRESS_METRICS = ("reward", "kl", "len")
+
+
+def response_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask over the response tokens up to and including the first EOS, whether each response has an EOS)."""
+    is_eos = responses == eos_token_id
+    ended = is_eos.any(-1)
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    return (~after_eos).long(), ended
+
+
+def response_forward(
+    model: nn.Module,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    mask: torch.Tensor,
+    plan: ScoringPlan,
+    temperature: float = 1.0,
+    want_hidden: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the response tokens of left-padded prompts + right-padded responses under `model`, with the
+    logits scaled by the sampling temperature: [batch, response] (0 where `mask` is 0), and, with `want_hidden`,
+    the last hidden states that predict them [batch, response, hidden] (for a value head).
+
+    `plan.output_layer`: "chunked" applies the output layer to the response positions only, a chunk at a time
+    (no [batch, response, vocab] logits); "logits_to_keep" asks the model's forward for the response positions'
+    logits; "full" takes all of them."""
+    inputs = {
+        "input_ids": sequences,
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+    }
+    responses = sequences[:, prompt_length:]
+    scored = mask.bool()
+    logps = torch.zeros(responses.shape, dtype=torch.float32, device=sequences.device)
+    hidden = None
+    if plan.output_layer == "chunked":
+        hidden = body_of(model)(**inputs, use_cache=False).last_hidden_state[:, prompt_length - 1 : -1]
+        logps = logps.masked_scatter(
+            scored, output_layer_logps(hidden[scored] / temperature, output_weight(model), responses[scored])
+        )
+        return logps, hidden
+    keep = {"logits_to_keep": responses.shape[1] + 1} if plan.output_layer == "logits_to_keep" else {}
+    out = model(**model_inputs(inputs), use_cache=False, output_hidden_states=want_hidden, **keep)
+    logits = out.logits[:, -responses.shape[1] - 1 : -1].float() / temperature
+    token_logps = torch.log_softmax(logits, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    if want_hidden:
+        hidden = out.hidden_states[-1][:, prompt_length - 1 : -1]
+    return token_logps * mask, hidden
+
+
+class OnlineRLModule(AlignModule):
+    """Base of the online RL modules: trains a policy on `PromptDataModule` prompts against rewards it samples.
+
+    Args:
+        policy: the model to train (name, folder or `nn.Module`).
+        reward: one reward source or a list: a function `(prompts, completions, **row_fields) -> scores` (a score
+            may be None: that reward abstains on the sample), its import path `"package.module:function"`, or a
+            reward model folder (a `RewardModule` export; its own tokenizer re-encodes the text). A function
+            receives the prompt row's other fields it names (or all, with **kwargs), as lists over the batch.
+        reward_weights: one weight per reward (default 1 each); reward_aggregation: "sum_then_normalize" or
+            "normalize_then_sum" (each reward normalised over its group before the weighted sum).
+        max_new_tokens, temperature, top_k, top_p: sampling of the rollouts (with the KV cache).
+        max_grad_norm: gradient clipping of each optimiser step (done here: several steps per rollout batch).
+        disable_dropout: switch dropout off, so the rollout's log-probs, the learning passes' and the reference's
+            agree; the reference runs in eval mode either way.
+        scoring_check: as `DPOModule`'s: the chunked output layer is checked on the first rollout's rows against
+            the model's own forward ("fallback", "error", "off").
+        Other arguments as `AlignModule`.
+
+    `max_steps` counts optimiser steps, and a run stops at the step it names, inside a rollout batch if need be.
+    Every rollout batch's metrics go to the loggers whatever `log_every_n_steps` says (a rollout batch is many
+    steps' worth of work); reward, KL and response length are in the progress bar.
+    """
+
+    batch_kind = "prompts"
+    uses_reference = True
+
+    def __init__(
+        self,
+        policy: ModelSource,
+        reward: RewardSource | Sequence[RewardSource],
+        reward_weights: list[float] | None = None,
+        reward_aggregation: str = "sum_then_normalize",
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        max_grad_norm: float | None = 1.0,
+        disable_dropout: bool = True,
+        scoring_check: str = "fallback",
+        **kwargs,
+    ):
+        super().__init__(policy, **kwargs)
+        if max_new_tokens < 1 or not temperature > 0:
+            raise ValueError(f"max_new_tokens must be >= 1 and temperature > 0, got {max_new_tokens}, {temperature}")
+        self.automatic_optimization = False  # several optimiser steps per rollout batch
+        self.rewards = Rewards(reward, reward_weights, reward_aggregation)
+        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        self.max_grad_norm = max_grad_norm
+        self.disable_dropout = disable_dropout
+        self.scoring = Scoring(scoring_check)
+        self.reference: Reference | None = None
+        self.val_reward = MeanMetric()
+
+    # ----- set-up ------------------------------------------------------------------------------------------------
+    @property
+    def needs_reference(self) -> bool:
+        return True
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.reference is None and self.needs_reference:
+            self.reference = Reference(self.model)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.reference is not None:
+            self.reference.to(self.model)
+        self.ensure_rewards()
+        reference = self.reference.kind if self.reference is not None else "none (no KL term)"
+        rank_zero_info(f"{type(self).__name__} reference: {reference}; rewards: {', '.join(self.rewards.names)}")
+
+    def ensure_rewards(self) -> None:
+        param = next(self.model.parameters())
+        self.rewards.resolve(self.device, param.dtype if param.is_floating_point() else None)
+
+    # ----- sampling and scoring ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: dict, greedy: bool = False, num_return_sequences: int = 1) -> torch.Tensor:
+        """Prompts + responses [batch * num_return_sequences, prompt + response]; a prompt's samples adjacent."""
+        options = {"do_sample": False} if greedy else {"do_sample": True, **self.sampling}
+        options["max_new_tokens"] = self.sampling["max_new_tokens"]
+        with eval_mode(self.model):
+            return self.model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                num_return_sequences=num_return_sequences,
+                **options,
+            )
+
+    def completions(self, sequences: torch.Tensor, prompt_length: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """(decoded responses, their mask up to and including EOS, whether each ended with EOS)."""
+        mask, ended = response_mask(sequences[:, prompt_length:], self.tokenizer.eos_token_id)
+        texts = self.tokenizer.batch_decode(sequences[:, prompt_length:] * mask, skip_special_tokens=True)
+        return texts, mask, ended
+
+    def scores(self, batch: dict, completions: list[str], group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each reward's scores [samples, rewards], NaN where one abstained; the combined reward [samples])."""
+        self.ensure_rewards()
+        prompts = [p for p in batch["prompts"] for _ in range(group_size)]
+        fields = {
+            name: [v for v in values for _ in range(group_size)] for name, values in batch.get("fields", {}).items()
+        }
+        each = self.rewards.score(prompts, completions, fields).to(self.device)
+        return each, self.rewards.combine(each, group_size)
+
+    # ----- log-probs of the responses ----------------------------------------------------------------------------
+    def scoring_plan(self, model: nn.Module, sequences, attention_mask, prompt_length: int, mask) -> ScoringPlan:
+        """The output layer of `response_forward` for `model`, decided (and checked) at the first rollout."""
+        rows = slice(0, CHECKED_ROWS)
+
+        def score(plan: ScoringPlan) -> torch.Tensor:
+            logps, _ = response_forward(
+                model, sequences[rows], attention_mask[rows], prompt_length, mask[rows], plan, self.temperature
+            )
+            return logps[mask[rows].bool()]
+
+        return self.scoring.plan(model, score, sequences.device, sharded=self.weights_sharded, packing=False)
+
+    @property
+    def temperature(self) -> float:
+        return self.sampling["temperature"]
+
+    def response_logps(self, model: nn.Module, rollout: dict, rows=slice(None), want_hidden: bool = False):
+        """`response_forward` of `model` on the rollout's rows (the plan is the policy's: the reference shares its
+        architecture, and under LoRA is the same network)."""
+        sequences, attention_mask, mask = rollout["sequences"], rollout["attention_mask"], rollout["mask"]
+        plan = self.scoring_plan(self.model, sequences, attention_mask, rollout["prompt_length"], mask)
+        return response_forward(
+            model,
+            sequences[rows],
+            attention_mask[rows],
+            rollout["prompt_length"],
+            mask[rows],
+            plan,
+            self.temperature,
+            want_hidden,
+        )
+
+    @torch.no_grad()
+    def sample(self, batch: dict, group_size: int = 1) -> dict:
+        """A rollout batch: sequences, masks, decoded completions and rewards, with the time each part took."""
+        started = time.perf_counter()
+        prompt_length = batch["input_ids"].shape[1]
+        sequences = self.generate(batch, num_return_sequences=group_size)
+        generated = time.perf_counter()
+        completions, mask, ended = self.completions(sequences, prompt_length)
+        each, combined = self.scores(batch, completions, group_size)
+        prompt_mask = batch["attention_mask"].repeat_interleave(group_size, 0)
+        return {
+            "sequences": sequences,
+            "attention_mask": torch.cat([prompt_mask, mask], dim=1),
+            "prompt_length": prompt_length,
+            "mask": mask.float(),
+            "ended": ended,
+            "completions": completions,
+            "each_reward": each,
+            "reward": combined,
+            "time/generate": generated - started,
+            "time/reward": time.perf_counter() - generated,
+        }
+
+    # ----- learning ----------------------------------------------------------------------------------------------
+    def optimizer_step(self, loss: torch.Tensor) -> bool:
+        """One optimiser step on `loss` (with the non-finite policy, clipping and the schedule); False if skipped."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad()
+        if self.finite_or_none(loss, None) is None:
+            return False
+        self.manual_backward(loss)
+        if not self.gradients_finite():
+            return False
+        if self.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()  # Lightning counts these: max_steps is in optimiser steps
+        if scheduler is not None:
+            scheduler.step()
+        return True
+
+    def steps_left(self) -> int | None:
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        return None if max_steps is None or max_steps < 0 else max(0, max_steps - self.global_step)
+
+    def log_rollout(self, stats: dict[str, float], samples: int) -> None:
+        """Every rollout batch's metrics to the loggers (not every `log_every_n_steps`), a few in the progress bar."""
+        progress = {"reward": stats["reward/mean"], "len": stats["response_length"]}
+        if "kl" in stats:
+            progress["kl"] = stats["kl"]
+        self.log_dict(progress, prog_bar=True, logger=False, batch_size=samples)
+        if self._trainer is not None:
+            for logger in self.loggers:
+                logger.log_metrics({f"train/{name}": value for name, value in stats.items()}, step=self.global_step)
+        self.logged_rollout = stats  # read by tests and benchmarks
+
+    def reward_stats(self, rollout: dict) -> dict[str, float]:
+        reward = rollout["reward"]
+        scored = reward[~reward.isnan()]
+        return {
+            "reward/mean": float(scored.mean()) if len(scored) else float("nan"),
+            "reward/std": float(scored.std()) if len(scored) > 1 else 0.0,
+            **self.rewards.means(rollout["each_reward"]),
+            "response_length": float(rollout["mask"].sum(-1).mean()),
+            "completions/truncated": float((~rollout["ended"]).float().mean()),
+        }
+
+    # ----- validation: mean reward of greedy completions ---------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.val_reward.reset()
+
+    def validation_step(self, batch, batch_idx):
+        prompt_length = batch["input_ids"].shape[1]
+        completions, _, _ = self.completions(self.generate(batch, greedy=True), prompt_length)
+        _, reward = self.scores(batch, completions)
+        self.val_reward.update(reward[~reward.isnan()])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/reward", self.val_reward.compute(), prog_bar=True)
