@@ -68,7 +68,7 @@ def check_reward_model_folder(path: str) -> None:
 def resolve_reward(reward: RewardSource) -> tuple[RewardFunction, str]:
     """(scorer, name) from a callable, `"package.module:function"`, or a reward model folder."""
     if callable(reward):
-        return reward, getattr(reward, "__qualname__", repr(reward))
+        return reward, getattr(reward, "__name__", type(reward).__name__)
     if not isinstance(reward, str):
         raise TypeError(f"reward must be a function, 'package.module:function' or a folder, got {type(reward)}")
     if Path(reward).is_dir():

@@ -1,0 +1,243 @@
+"""GRPOModule and the online RL machinery it shares with PPO: groups, several rewards, the chunked output layer,
+max_steps, logging, and that each estimator raises the held-out task reward."""
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_align import GRPOModule, LoRA, PPOModule, PromptDataModule, QLoRA
+from lightning_align.demos import task_reward
+from lightning_align.modules.online import response_forward
+from lightning_align.modules.scoring import SAFE_PLAN, ScoringPlan
+from tests.conftest import ready, trainer, write_jsonl
+
+
+def plain_prompts(model, task_files, batch_size=4, **options):
+    dm = PromptDataModule(
+        model,
+        task_files["prompts_train"],
+        task_files["prompts_val"],
+        batch_size=batch_size,
+        apply_chat_template=False,
+        **options,
+    )
+    dm.setup("fit")
+    return dm
+
+
+def test_a_prompts_samples_are_adjacent_and_scored_with_their_prompt(tiny_model, task_files, tmp_path):
+    seen = []
+
+    def record(prompts, completions):
+        seen.extend(prompts)
+        return [float(len(c)) for c in completions]
+
+    module = ready(GRPOModule(tiny_model, rewards=record, num_generations=3, max_new_tokens=4), [], tmp_path)
+    dm = plain_prompts(tiny_model, task_files)
+    batch = dm.collate(dm.train_set[:4])
+    rollout = module.rollout(batch)
+    assert rollout["sequences"].shape[0] == 12
+    for i in range(4):
+        prompts = rollout["sequences"][3 * i : 3 * i + 3, : batch["input_ids"].shape[1]]
+        assert (prompts == batch["input_ids"][i]).all()
+        assert seen[3 * i : 3 * i + 3] == [batch["prompts"][i]] * 3
+    lengths = torch.tensor([float(len(c)) for c in rollout["completions"]]).view(4, 3)
+    expected = (lengths - lengths.mean(1, keepdim=True)) / (lengths.std(1, keepdim=True) + 1e-4)
+    torch.testing.assert_close(rollout["advantages"], expected.view(-1))
+    assert "logprobs" not in rollout and module.reference is None  # one pass, beta 0: nothing else is computed
+
+
+def test_several_rewards_weighted_with_row_fields_and_abstentions(tiny_model, tmp_path):
+    rows = [{"prompt": f"add: {i}+1\n", "answer": str(i + 1), "kind": "add"} for i in range(4)]
+    path = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    received = {}
+
+    def verifier(prompts, completions, answer):  # names the field it needs
+        received["answer"] = answer
+        return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
+
+    def length_or_abstain(prompts, completions, **fields):  # takes every field
+        received["fields"] = sorted(fields)
+        return [None if i % 2 else float(len(c)) for i, c in enumerate(completions)]
+
+    module = GRPOModule(
+        tiny_model,
+        rewards=[verifier, length_or_abstain],
+        reward_weights=[2.0, 0.5],
+        num_generations=2,
+        max_new_tokens=4,
+    )
+    module = ready(module, [], tmp_path)
+    dm = PromptDataModule(tiny_model, str(path), batch_size=4, apply_chat_template=False)
+    dm.setup("fit")
+    rollout = module.rollout(dm.collate(dm.train_set))
+    assert sorted(received["answer"]) == sorted([str(i + 1) for i in range(4)] * 2)
+    assert received["fields"] == ["answer", "kind"]
+    each = rollout["each_reward"]
+    assert each[1::2, 1].isnan().all() and not each[0::2, 1].isnan().any()
+    expected = 2.0 * each[:, 0] + 0.5 * torch.nan_to_num(each[:, 1])
+    torch.testing.assert_close(rollout["reward"], expected)
+    stats = module.reward_stats(rollout)
+    assert stats["reward/verifier"] == pytest.approx(float(each[:, 0].mean()))
+    assert stats["reward/length_or_abstain"] == pytest.approx(float(torch.nanmean(each[:, 1])))
+
+
+def test_the_chunked_output_layer_equals_the_models_own_forward_with_gradients(tiny_model, task_files, tmp_path):
+    module = ready(GRPOModule(tiny_model, rewards=task_reward, num_generations=2, max_new_tokens=6), [], tmp_path)
+    dm = plain_prompts(tiny_model, task_files)
+    rollout = module.rollout(dm.collate(dm.train_set[:4]))
+    args = [rollout[k] for k in ("sequences", "attention_mask", "prompt_length", "mask")]
+    results = {}
+    for plan in (ScoringPlan("padded", "chunked"), ScoringPlan("padded", "logits_to_keep"), SAFE_PLAN):
+        module.model.zero_grad()
+        logps, _ = response_forward(module.model, *args, plan, temperature=0.7)
+        logps.sum().backward()
+        grad = module.model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+        results[plan.output_layer] = (logps.detach(), grad)
+    module.response_logps(module.model, rollout)  # the module decides its plan at the first scoring
+    assert next(iter(module.scoring.plans.values())).output_layer == "chunked"
+    for name in ("chunked", "logits_to_keep"):
+        torch.testing.assert_close(results[name][0], results["full"][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(results[name][1], results["full"][1], rtol=1e-4, atol=1e-6)
+    assert (results["full"][0][rollout["mask"] == 0] == 0).all()
+
+
+def test_old_logprobs_and_truncated_completions(tiny_model, task_files, tmp_path):
+    module = GRPOModule(
+        tiny_model,
+        rewards=task_reward,
+        num_generations=2,
+        num_iterations=2,
+        max_new_tokens=3,
+        mask_truncated_completions=True,
+    )
+    module = ready(module, [], tmp_path)
+    dm = plain_prompts(tiny_model, task_files)
+    rollout = module.rollout(dm.collate(dm.train_set[:4]))
+    assert "logprobs" in rollout  # the policy moves between passes: pi_old is the rollout's
+    truncated = ~rollout["ended"]
+    assert truncated.any()  # a random model rarely says EOS within 3 tokens
+    assert (rollout["loss_mask"][truncated] == 0).all()
+    assert torch.equal(rollout["loss_mask"][~truncated], rollout["mask"][~truncated])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(advantage="ppo"), "unknown advantage 'ppo'"),
+        (dict(num_generations=1), "num_generations must be >= 2"),
+        (dict(advantage="rloo", scale_rewards="batch"), "does not use it"),
+        (dict(loss_aggregation="bnpo"), "unknown loss_aggregation"),
+        (dict(reward_weights=[1.0, 2.0]), "2 reward_weights for 1 rewards"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused(tiny_model, options, message):
+    with pytest.raises(ValueError, match=message):
+        GRPOModule(tiny_model, rewards=task_reward, **options)
+
+
+def test_a_causal_lm_folder_is_refused_as_a_reward_model(tiny_model, task_files, tmp_path):
+    module = PPOModule(tiny_model, reward=tiny_model, max_new_tokens=2)
+    with pytest.raises(ValueError, match="holds LlamaForCausalLM, not a trained reward model"):
+        ready(module, [], tmp_path)
+
+
+class Records(L.pytorch.loggers.logger.Logger):
+    """A logger that keeps what it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    name, version = "records", 0
+
+    @property
+    def experiment(self):
+        return None
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_max_steps_counts_optimiser_steps_and_every_rollout_batch_is_logged(method, tiny_model, task_files, tmp_path):
+    records = Records()
+    dm = plain_prompts(tiny_model, task_files, batch_size=8)
+    if method == "ppo":  # 8 prompts, minibatch 2, 2 epochs: 8 optimiser steps per rollout batch
+        module = PPOModule(tiny_model, reward=task_reward, max_new_tokens=3, minibatch_size=2)
+        max_steps, batches = 10, 2
+    else:  # 16 samples, minibatch 4: 4 optimiser steps per rollout batch
+        module = GRPOModule(tiny_model, rewards=task_reward, num_generations=2, max_new_tokens=3, minibatch_size=4)
+        max_steps, batches = 6, 2
+    fit = trainer(tmp_path, max_steps=max_steps, logger=records, log_every_n_steps=50, limit_val_batches=0)
+    fit.fit(module, datamodule=dm)
+    assert fit.global_step == max_steps  # stopped inside the second rollout batch, not after it
+    rollout_rows = [metrics for _, metrics in records.rows if "train/reward/mean" in metrics]
+    assert len(rollout_rows) == batches  # although log_every_n_steps=50
+    assert {"train/response_length", "train/time/generate", "train/time/learn"} <= set(rollout_rows[0])
+    assert {"reward", "len"} <= set(fit.progress_bar_metrics)
+    assert ("kl" in fit.progress_bar_metrics) == (method == "ppo")
+
+
+class Snapshot(L.Callback):
+    """The trainable parameters as training starts."""
+
+    def on_train_start(self, trainer, module):
+        self.values = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+
+
+def varied_reward(prompts, completions):
+    """A reward on which a random model's samples differ (the task reward is 0 for nearly all of them)."""
+    return [sum(map(ord, c)) % 7 / 7 for c in completions]
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo", "reinforce++"])
+@pytest.mark.parametrize("adapter", [None, "lora", "qlora"])
+def test_each_estimator_trains_with_each_adapter(advantage, adapter, tiny_model, task_files, tmp_path):
+    callbacks = {None: [], "lora": [LoRA(r=4)], "qlora": [QLoRA(r=4)]}[adapter]
+    module = GRPOModule(
+        tiny_model,
+        rewards=varied_reward,
+        advantage=advantage,
+        num_generations=2,
+        max_new_tokens=4,
+        minibatch_size=4,
+        learning_rate=1e-2,
+    )
+    dm = plain_prompts(tiny_model, task_files, batch_size=4)
+    start = Snapshot()
+    fit = trainer(tmp_path, max_steps=3, callbacks=[*callbacks, start], limit_val_batches=0)
+    fit.fit(module, datamodule=dm)
+    trained = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
+    assert set(trained) == set(start.values) and any(not torch.equal(p, start.values[n]) for n, p in trained.items())
+    stats = module.logged_rollout
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert ("kl" in stats) == (advantage == "reinforce++")  # its KL-shaped rewards need the reference
+    if adapter:
+        assert module.reference is None or module.reference.kind == "adapter-disabled base"
+
+
+def heldout_reward_before_and_after(sft_model, task_files, tmp_path, **options):
+    L.seed_everything(0)
+    dm = plain_prompts(sft_model, task_files, batch_size=8)
+    module = GRPOModule(
+        sft_model, rewards=task_reward, num_generations=8, max_new_tokens=12, minibatch_size=16, **options
+    )
+    fit = trainer(tmp_path, max_steps=240, limit_val_batches=4)
+    fit.validate(module, datamodule=dm)
+    before = fit.callback_metrics["val/reward"].item()
+    fit.fit(module, datamodule=dm)
+    fit.validate(module, datamodule=dm)
+    return before, fit.callback_metrics["val/reward"].item()
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo", "reinforce++"])
+def test_each_estimator_raises_the_heldout_task_reward(advantage, sft_model, task_files, tmp_path):
+    before, after = heldout_reward_before_and_after(
+        sft_model, task_files, tmp_path, advantage=advantage, learning_rate=5e-4
+    )
+    print(f"{advantage}: held-out task reward {before:.3f} -> {after:.3f}")
+    assert after > before + 0.08
