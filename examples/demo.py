@@ -1,9 +1,9 @@
-"""The full demo on the bundled tiny model: SFT -> DPO and SFT -> reward model -> PPO (with LoRA), then a
-before/after table and a PNG of the training curves.
+"""The full demo on the bundled tiny model: SFT -> DPO, SFT -> reward model -> PPO (with LoRA) and SFT -> GRPO
+(against the task's verifier), then a before/after table and a PNG of the training curves.
 
 Run with `make demo`. Everything is built locally (tiny Llama-style model, character tokenizer, task data);
 nothing is downloaded. The SFT data mixes two answer styles ("123" and "Answer: 123"), as data pooled from
-several sources does; the preference data and the task reward prefer the bare answer, which DPO and PPO learn.
+several sources does; the preference data and the task reward prefer the bare answer, which DPO, PPO and GRPO learn.
 Logs go to runs/demo/<stage>/ as CSV and as offline W&B runs (`wandb sync` uploads them).
 """
 
@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning_align import (
     DPOModule,
     LoRA,
+    GRPOModule,
     PPOModule,
     PreferenceDataModule,
     PromptDataModule,
@@ -126,6 +127,25 @@ def main() -> None:
         ("PPO (LoRA)", "task reward (mean)", task_before, task_after),
     ]
 
+    # 5. GRPO from the SFT model against the task's verifier: no reward model, no critic, no reference.
+    grpo = GRPOModule(
+        sft_path, rewards=task_reward, num_generations=8, max_new_tokens=12, minibatch_size=16, learning_rate=5e-4
+    )
+    group_prompts = PromptDataModule(
+        sft_path, data["prompts_train"], data["prompts_val"], batch_size=8, apply_chat_template=False
+    )
+    trainer = stage_trainer("grpo", 240, log_every_n_steps=1)
+    grpo.configure_model()
+    accuracy_before = task_accuracy(grpo.model, group_prompts.tokenizer, held_out)
+    task_before = mean_task_reward(grpo, group_prompts, held_out)
+    trainer.fit(grpo, datamodule=group_prompts)
+    accuracy_after = task_accuracy(grpo.model, group_prompts.tokenizer, held_out)
+    task_after = mean_task_reward(grpo, group_prompts, held_out)
+    rows += [
+        ("GRPO", "bare answer, correct", accuracy_before, accuracy_after),
+        ("GRPO", "task reward (mean)", task_before, task_after),
+    ]
+
     table = results_table(rows)
     print("\n" + table)
     (RUN_DIR / "results.md").write_text(table + "\n")
@@ -133,10 +153,10 @@ def main() -> None:
     print(f"\nTraining curves: {plot}\nLogs: {RUN_DIR}/<stage>/ (CSV and offline W&B runs)")
 
 
-def mean_task_reward(ppo: PPOModule, prompts: PromptDataModule, held_out: list[str]) -> float:
+def mean_task_reward(module, prompts: PromptDataModule, held_out: list[str]) -> float:
     from lightning_align.demos import generate_completions
 
-    completions = generate_completions(ppo.model, prompts.tokenizer, held_out, max_new_tokens=12)
+    completions = generate_completions(module.model, prompts.tokenizer, held_out, max_new_tokens=12)
     return sum(task_reward(held_out, completions)) / len(held_out)
 
 
@@ -158,10 +178,12 @@ def plot_curves(path: Path) -> Path:
         ("dpo", "train/loss", "DPO: loss"),
         ("dpo", "rewards/accuracies", "DPO: reward accuracy"),
         ("reward", "train/loss", "Reward model: loss"),
-        ("ppo", "reward/mean", "PPO: reward model score"),
-        ("ppo", "kl", "PPO: KL to the reference"),
+        ("ppo", "train/reward/mean", "PPO: reward model score"),
+        ("ppo", "train/kl", "PPO: KL to the reference"),
+        ("grpo", "train/reward/mean", "GRPO: task reward of the samples"),
+        ("grpo", "train/response_length", "GRPO: response length"),
     ]
-    figure, axes = plt.subplots(2, 3, figsize=(13, 7))
+    figure, axes = plt.subplots(2, 4, figsize=(17, 7))
     for axis, (stage, metric, title) in zip(axes.flat, panels):
         steps, values = [], []
         with open(RUN_DIR / stage / "version_0" / "metrics.csv") as f:

@@ -24,8 +24,11 @@ METRICS = {  # what each module's issue says it logs
     "reward": ["train/loss", "val/accuracy", "val/margin"],
     "dpo": ["train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
     + ["logps/chosen", "logps/rejected", "val/loss", "val/rewards/accuracies", "val/rewards/margins"],
-    "ppo": ["reward/mean", "reward/std", "kl", "kl_coef", "entropy", "policy/clipfrac", "policy/approx_kl"]
-    + ["loss/policy", "loss/value", "response_length", "time/rollout", "time/learn", "val/reward"],
+    "ppo": ["train/reward/mean", "train/reward/std", "train/kl", "train/kl_coef", "train/entropy"]
+    + ["train/policy/clipfrac", "train/policy/approx_kl", "train/loss/policy", "train/loss/value"]
+    + ["train/response_length", "train/time/generate", "train/time/learn", "val/reward"],
+    "grpo": ["train/reward/mean", "train/reward/std", "train/loss", "train/entropy", "train/policy/clipfrac"]
+    + ["train/groups/zero_std", "train/response_length", "train/time/generate", "train/time/learn", "val/reward"],
 }
 
 

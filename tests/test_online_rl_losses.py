@@ -134,8 +134,9 @@ def test_clipped_policy_loss_and_its_gradient_match_a_naive_loop(aggregation, to
     ref = logprobs.detach() + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.2 if with_ref else None
     options = dict(epsilon=0.2, epsilon_high=0.28, aggregation=aggregation, max_completion_length=8)
     num_tokens = 30.0 if aggregation == "dapo" else None
-    loss, stats = clipped_policy_loss(logprobs, old, adv, mask, ref_logprobs=ref, beta=0.04, num_tokens=num_tokens,
-                                      **options)
+    loss, stats = clipped_policy_loss(
+        logprobs, old, adv, mask, ref_logprobs=ref, beta=0.04, num_tokens=num_tokens, **options
+    )
     (grad,) = torch.autograd.grad(loss, logprobs)
     naive_input = logprobs.detach().clone().requires_grad_()
     expected = naive_clipped_loss(naive_input, old, adv, mask, 0.2, 0.28, aggregation, ref, 0.04, 8, num_tokens)
@@ -161,8 +162,10 @@ def test_clip_higher_lets_positive_advantages_move_further():
     [
         (lambda r: group_advantages(r, 2, "groups"), "unknown scale_rewards"),
         (lambda r: combined_rewards(r[:, None], torch.ones(1), "mean"), "unknown reward aggregation"),
-        (lambda r: clipped_policy_loss(r[:, None], r[:, None], r, torch.ones(4, 1), aggregation="bnpo"),
-         "unknown loss aggregation"),
+        (
+            lambda r: clipped_policy_loss(r[:, None], r[:, None], r, torch.ones(4, 1), aggregation="bnpo"),
+            "unknown loss aggregation",
+        ),
     ],
 )
 def test_unknown_settings_are_refused(call, message):

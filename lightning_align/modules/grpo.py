@@ -160,7 +160,7 @@ class GRPOModule(OnlineRLModule):
         num_tokens = rollout["loss_mask"].sum() / minibatches
         for _ in range(self.num_iterations):
             order = torch.randperm(samples, device=rollout["sequences"].device) if minibatches > 1 else None
-            for rows in (order.split(size) if order is not None else [slice(None)]):
+            for rows in order.split(size) if order is not None else [slice(None)]:
                 if self.steps_left() == 0:  # max_steps counts optimiser steps: stop mid rollout batch
                     break
                 logprobs, _ = self.response_logps(self.model, rollout, rows)
@@ -173,7 +173,9 @@ class GRPOModule(OnlineRLModule):
                     self.epsilon,
                     self.epsilon_high,
                     self.loss_aggregation,
-                    ref_logprobs=rollout["ref_logprobs"][rows] if self.advantage != "reinforce++" and self.beta else None,
+                    ref_logprobs=rollout["ref_logprobs"][rows]
+                    if self.advantage != "reinforce++" and self.beta
+                    else None,
                     beta=self.beta,
                     max_completion_length=self.sampling["max_new_tokens"],
                     num_tokens=num_tokens,

@@ -16,7 +16,11 @@ def starts_with_one(prompts, completions):
 
 def prompts(model_path, task_files, batch_size=8):
     dm = PromptDataModule(
-        model_path, task_files["prompts_train"], task_files["prompts_val"], batch_size=batch_size, apply_chat_template=False
+        model_path,
+        task_files["prompts_train"],
+        task_files["prompts_val"],
+        batch_size=batch_size,
+        apply_chat_template=False,
     )
     dm.setup("fit")
     return dm
