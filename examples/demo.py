@@ -19,8 +19,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_align import (
     DPOModule,
-    LoRA,
     GRPOModule,
+    LoRA,
     PPOModule,
     PreferenceDataModule,
     PromptDataModule,
