@@ -63,6 +63,8 @@ def body_parameters() -> int:
     """Parameters of the transformer blocks' matrices: attention (grouped-query: smaller k and v) and the MLP."""
     kv = HIDDEN * KV_HEADS // HEADS
     return LAYERS * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * kv + 3 * HIDDEN * 4 * HIDDEN)
+
+
 COMBINATIONS = [
     ("sft", "none"),
     ("sft", "lora"),

@@ -16,7 +16,7 @@ SMOKE = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.en
     [
         ("sft_dpo.sh", "dpo", "DPOModule reference: frozen copy of the starting policy"),
         ("sft_lora_dpo.sh", "dpo", "DPOModule reference: frozen start adapter"),
-        ("rlhf.sh", "ppo", "PPOModule reference: adapter-disabled base; reward: runs/pipelines/rlhf/reward/export"),
+        ("rlhf.sh", "ppo", "PPOModule reference: adapter-disabled base; rewards: runs/pipelines/rlhf/reward/export"),
         ("qlora_dpo.sh", "dpo", "DPOModule reference: adapter-disabled base"),
     ],
 )

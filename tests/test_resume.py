@@ -24,7 +24,9 @@ class Recorder(L.Callback):
         self.names, self.values = names, []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.values.append([trainer.callback_metrics[name].item() for name in self.names])
+        logged = getattr(module, "logged_rollout", None)  # online RL: each rollout batch's metrics
+        metrics = logged if logged is not None else {k: v.item() for k, v in trainer.callback_metrics.items()}
+        self.values.append([float(metrics[name]) for name in self.names])
 
 
 def build(method, model, files, adapter):

@@ -98,7 +98,17 @@ class GenerationSamples(L.Callback):
             from lightning_align.modules.rewards import resolve_reward
 
             return resolve_reward(self.reward)[0]
-        return getattr(pl_module, "reward_fn", None)
+        rewards = getattr(pl_module, "rewards", None)  # an online RL module's own rewards
+        if rewards is None or rewards.functions is None:
+            return None
+
+        def combined(prompts, completions):  # the prompts here have no row fields: rewards that need them abstain
+            try:
+                return [None if s != s else s for s in rewards.combine(rewards.score(prompts, completions)).tolist()]
+            except RuntimeError:
+                return [None] * len(completions)
+
+        return combined
 
     def log_samples(self, trainer: L.Trainer, pl_module) -> None:
         from lightning_align.demos.evaluate import generate_completions

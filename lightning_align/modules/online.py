@@ -16,6 +16,7 @@ from lightning_align.losses import output_layer_logps
 from lightning_align.modules.base import AlignModule, ModelSource, body_of, model_inputs
 from lightning_align.modules.reference import Reference, eval_mode
 from lightning_align.modules.rewards import Rewards, RewardSource
+from lightning_align.modules.sampling import Sampler
 from lightning_align.modules.scoring import CHECKED_ROWS, Scoring, ScoringPlan, output_weight
 
 # Shown in the progress bar (the rest goes to the loggers, every rollout batch).
@@ -82,7 +83,8 @@ class OnlineRLModule(AlignModule):
             receives the prompt row's other fields it names (or all, with **kwargs), as lists over the batch.
         reward_weights: one weight per reward (default 1 each); reward_aggregation: "sum_then_normalize" or
             "normalize_then_sum" (each reward normalised over its group before the weighted sum).
-        max_new_tokens, temperature, top_k, top_p: sampling of the rollouts (with the KV cache).
+        max_new_tokens, temperature, top_k, top_p: sampling of the rollouts (with the KV cache; see
+            `modules.sampling`).
         max_grad_norm: gradient clipping of each optimiser step (done here: several steps per rollout batch).
         disable_dropout: switch dropout off, so the rollout's log-probs, the learning passes' and the reference's
             agree; the reference runs in eval mode either way.
@@ -122,6 +124,7 @@ class OnlineRLModule(AlignModule):
         self.max_grad_norm = max_grad_norm
         self.disable_dropout = disable_dropout
         self.scoring = Scoring(scoring_check)
+        self.sampler = Sampler()
         self.reference: Reference | None = None
         self.val_reward = MeanMetric()
 
@@ -151,16 +154,19 @@ class OnlineRLModule(AlignModule):
     @torch.no_grad()
     def generate(self, batch: dict, greedy: bool = False, num_return_sequences: int = 1) -> torch.Tensor:
         """Prompts + responses [batch * num_return_sequences, prompt + response]; a prompt's samples adjacent."""
-        options = {"do_sample": False} if greedy else {"do_sample": True, **self.sampling}
-        options["max_new_tokens"] = self.sampling["max_new_tokens"]
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        if num_return_sequences > 1:
+            input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
+            attention_mask = attention_mask.repeat_interleave(num_return_sequences, 0)
         with eval_mode(self.model):
-            return self.model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                pad_token_id=self.tokenizer.pad_token_id,
+            return self.sampler(
+                self.model,
+                input_ids,
+                attention_mask,
                 eos_token_id=self.tokenizer.eos_token_id,
-                num_return_sequences=num_return_sequences,
-                **options,
+                pad_token_id=self.tokenizer.pad_token_id,
+                greedy=greedy,
+                **self.sampling,
             )
 
     def completions(self, sequences: torch.Tensor, prompt_length: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:

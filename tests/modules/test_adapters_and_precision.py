@@ -48,9 +48,23 @@ def test_ppo_trains_with_every_adapter_and_precision(tiny_model, task_files, tmp
     fit = trainer(tmp_path, max_steps=4, callbacks=ADAPTERS[adapter](), precision=precision)
     fit.fit(module, datamodule=dm)
     for name in ("loss/policy", "loss/value", "kl", "reward/mean"):
-        assert math.isfinite(fit.callback_metrics[name].item()), name
+        assert math.isfinite(module.logged_rollout[name]), name
     expected = "frozen copy of the starting policy" if adapter == "none" else "adapter-disabled base"
     assert module.reference.kind == expected
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
+def test_grpo_trains_with_every_adapter_and_precision(tiny_model, task_files, tmp_path, adapter, precision):
+    from lightning_align import GRPOModule
+
+    dm = PromptDataModule(tiny_model, task_files["prompts_train"], batch_size=2)
+    module = GRPOModule(tiny_model, rewards="lightning_align.demos:task_reward", num_generations=2, max_new_tokens=4)
+    fit = trainer(tmp_path, max_steps=2, callbacks=ADAPTERS[adapter](), precision=precision)
+    fit.fit(module, datamodule=dm)
+    assert fit.global_step == 2
+    for name in ("loss", "reward/mean", "entropy"):
+        assert math.isfinite(module.logged_rollout[name]), name
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -80,4 +94,4 @@ def test_frozen_reference_and_reward_model_follow_the_policy_into_bf16_true(sft_
     trainer(tmp_path, max_steps=1, precision="bf16-true").fit(
         ppo, datamodule=PromptDataModule(sft_model, task_files["prompts_train"], batch_size=4)
     )
-    assert next(ppo.reward_fn.module.model.parameters()).dtype == torch.bfloat16
+    assert next(ppo.rewards.functions[0].module.model.parameters()).dtype == torch.bfloat16

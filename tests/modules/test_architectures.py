@@ -116,6 +116,47 @@ def test_dropout_stays_out_of_the_reference_even_when_the_policy_keeps_it(model_
     assert module.model.training
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_the_decode_loop_samples_generates_tokens(name, adapter, model_folders, tmp_path):
+    """Greedy: token for token equal to `model.generate` on a left-padded batch (with the KV cache, past the
+    sliding window); sampling: equal to `generate` wherever the distribution is a point mass (temperature ~0)."""
+    from lightning_align.modules.sampling import decode, decode_loop_proven
+
+    module = ready(SFTModule(model_folders(name)), [LoRA(r=4)] if adapter else [], tmp_path)
+    model = module.model.eval()
+    if adapter:  # a trained adapter, so the loop must go through it
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.2)
+    assert decode_loop_proven(model)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 11, 7]
+    input_ids = torch.zeros(3, max(lengths), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, n in enumerate(lengths):
+        input_ids[row, -n:] = torch.randint(3, vocab, (n,), generator=g)
+        attention_mask[row, -n:] = 1
+    new = 3 * WINDOW  # beyond the sliding window of the families that have one
+    with torch.no_grad():
+        expected = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=0,
+            eos_token_id=2,
+        )
+    ours = decode(
+        model, input_ids, attention_mask, new, eos_token_id=2, pad_token_id=0, greedy=True, min_new_tokens=new
+    )
+    assert ours.tolist() == expected.tolist()
+    nearly_greedy = decode(model, input_ids, attention_mask, new, 2, 0, temperature=1e-6, min_new_tokens=new)
+    assert nearly_greedy.tolist() == expected.tolist()
+
+
 @pytest.fixture(scope="module")
 def small_task_files(tmp_path_factory):
     from lightning_align.demos import write_task_data

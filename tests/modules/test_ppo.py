@@ -188,7 +188,7 @@ def test_ppo_learns_a_simple_reward_fast(sft_model, task_files, tmp_path):
         sft_model, task_files["prompts_train"], task_files["prompts_val"], batch_size=32, apply_chat_template=False
     )
     module = PPOModule(sft_model, reward=starts_with_one, max_new_tokens=8, learning_rate=1e-3, kl_coef=0.0)
-    fit = trainer(tmp_path, max_steps=60, limit_val_batches=4)
+    fit = trainer(tmp_path, max_steps=100, limit_val_batches=4)
     fit.validate(module, datamodule=dm)
     before = fit.callback_metrics["val/reward"].item()
     fit.fit(module, datamodule=dm)

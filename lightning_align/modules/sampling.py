@@ -1,0 +1,147 @@
+"""Sampling the rollouts of online RL: a plain decode loop over the Hugging Face KV cache.
+
+`model.generate` spends, on a CPU with a 32k vocabulary, about as long on its general machinery as on the
+model: `torch.multinomial` draws an exponential variate for every vocabulary entry of every row and step, and
+the logits processors and mask building add passes over the same logits. Drawing one uniform number per row and
+inverting the cumulative distribution samples exactly the same distribution. The loop is used for the model
+families of the architecture grid, where a test shows its greedy tokens equal to `generate`'s; any other model
+samples with `generate`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_align.modules.attention import unwrapped
+
+
+def next_tokens(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False
+) -> torch.Tensor:
+    """One token per row [batch] from next-token logits [batch, vocab]: the most likely with `greedy`, else a draw
+    from softmax(logits / temperature) restricted to the `top_k` most likely tokens (0: all) and to the smallest
+    set of most likely tokens whose probability reaches `top_p` (the nucleus), by inverting the cumulative
+    distribution at one uniform draw per row."""
+    if greedy:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # probability of the tokens more likely than each
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    cumulative = probs.cumsum(-1)
+    draw = torch.rand(len(probs), 1, device=probs.device, dtype=cumulative.dtype) * cumulative[:, -1:]
+    chosen = torch.searchsorted(cumulative, draw, right=True).squeeze(-1)
+    return chosen.clamp(max=probs.shape[-1] - 1)
+
+
+@functools.cache
+def forward_takes(model_class: type, name: str) -> bool:
+    return name in inspect.signature(model_class.forward).parameters
+
+
+def decode_loop_proven(model: nn.Module) -> bool:
+    """Whether the architecture grid covers this model's family (its test compares the loop with `generate`)."""
+    from lightning_align.modules.scoring import grid_model_types
+
+    base = unwrapped(model)
+    return getattr(base.config, "model_type", None) in grid_model_types() and cache_argument(type(base)) is not None
+
+
+def cache_argument(model_class: type) -> str | None:
+    """The name under which the model's forward takes its KV cache (transformers renamed it in version 5)."""
+    for name in ("cache", "past_key_values"):
+        if forward_takes(model_class, name):
+            return name
+    return None
+
+
+@torch.no_grad()
+def decode(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    min_new_tokens: int = 0,
+) -> torch.Tensor:
+    """Left-padded prompts followed by their sampled responses [batch, prompt + response]: after a row's EOS its
+    tokens are `pad_token_id`, and the loop stops when every row has ended or at `max_new_tokens`."""
+    from transformers import DynamicCache
+
+    base = unwrapped(model)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = {"position_ids": position_ids} if forward_takes(type(base), "position_ids") else {}
+    cache = {cache_argument(type(base)): DynamicCache(config=base.config)}  # filled in place by each forward
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **cache, **positions)
+    ended = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    chosen = []
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1]
+        if step < min_new_tokens:
+            logits = logits.clone()
+            logits[:, eos_token_id] = float("-inf")
+        token = next_tokens(logits, temperature, top_k, top_p, greedy).masked_fill(ended, pad_token_id)
+        chosen.append(token)
+        ended |= token == eos_token_id
+        if ended.all() or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
+        if positions:
+            positions["position_ids"] = positions["position_ids"][:, -1:] + 1
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, use_cache=True, **cache, **positions)
+    return torch.cat([input_ids, torch.stack(chosen, dim=1)], dim=1)
+
+
+class Sampler:
+    """Sampling of one policy: the decode loop where proven, else `model.generate` (said once in the log)."""
+
+    def __init__(self):
+        self.use_loop: bool | None = None
+
+    def __call__(self, model, input_ids, attention_mask, eos_token_id, pad_token_id, greedy=False, **sampling):
+        if self.use_loop is None:
+            self.use_loop = decode_loop_proven(model)
+            base = unwrapped(model)
+            how = (
+                "this library's decode loop (proven equal to generate's tokens by the architecture grid)"
+                if self.use_loop
+                else "model.generate (its family is not in the architecture grid)"
+            )
+            rank_zero_info(f"sampling {getattr(base.config, 'model_type', '?')} ({type(base).__name__}): {how}")
+        if self.use_loop:
+            return decode(
+                model,
+                input_ids,
+                attention_mask,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                greedy=greedy,
+                **sampling,
+            )
+        options = {"do_sample": False} if greedy else {"do_sample": True, **sampling}
+        options["max_new_tokens"] = sampling["max_new_tokens"]
+        if "min_new_tokens" in sampling:
+            options["min_new_tokens"] = sampling["min_new_tokens"]
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            **options,
+        )
