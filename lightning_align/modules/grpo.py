@@ -130,7 +130,10 @@ class GRPOModule(OnlineRLModule):
             rollout["loss_mask"] = mask
         samples = len(rollout["sequences"])
         if self.several_steps(samples) or self.advantage == "reinforce++":
-            rollout["logprobs"], _ = self.response_logps(self.model, rollout)
+            if rollout["sampled_logprobs"] is not None and self.sampled_logprobs_exact:
+                rollout["logprobs"] = rollout["sampled_logprobs"]  # the sampler's: no forward pass
+            else:
+                rollout["logprobs"], _ = self.response_logps(self.model, rollout)
         if self.reference is not None:
             with self.reference(self.model) as reference:
                 rollout["ref_logprobs"], _ = self.response_logps(reference, rollout)

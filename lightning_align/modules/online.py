@@ -152,22 +152,36 @@ class OnlineRLModule(AlignModule):
 
     # ----- sampling and scoring ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, batch: dict, greedy: bool = False, num_return_sequences: int = 1) -> torch.Tensor:
-        """Prompts + responses [batch * num_return_sequences, prompt + response]; a prompt's samples adjacent."""
+    def generate(
+        self, batch: dict, greedy: bool = False, num_return_sequences: int = 1, logprobs: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts + responses [batch * num_return_sequences, prompt + response], a prompt's samples adjacent; with
+        `logprobs`, also the sampler's log-probs of the responses (None where it has none to give)."""
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         if num_return_sequences > 1:
             input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
             attention_mask = attention_mask.repeat_interleave(num_return_sequences, 0)
         with eval_mode(self.model):
-            return self.sampler(
+            sequences, sampled_logprobs = self.sampler(
                 self.model,
                 input_ids,
                 attention_mask,
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
                 greedy=greedy,
+                logprobs=logprobs,
                 **self.sampling,
             )
+        return (sequences, sampled_logprobs) if logprobs else sequences
+
+    @property
+    def sampled_logprobs_exact(self) -> bool:
+        """Whether the sampler's log-probs may stand for the rollout's (pi_old): in full float32 they equal a
+        forward pass's to about 1e-6 (the architecture grid checks it); in lower precision the cached decode and a
+        full pass round differently, so the rollout takes a forward pass."""
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        floats = [p.dtype for p in self.model.parameters() if p.is_floating_point()]
+        return precision in ("32-true", "32") and all(dtype == torch.float32 for dtype in floats)
 
     def completions(self, sequences: torch.Tensor, prompt_length: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """(decoded responses, their mask up to and including EOS, whether each ended with EOS)."""
@@ -223,7 +237,7 @@ class OnlineRLModule(AlignModule):
         """A rollout batch: sequences, masks, decoded completions and rewards, with the time each part took."""
         started = time.perf_counter()
         prompt_length = batch["input_ids"].shape[1]
-        sequences = self.generate(batch, num_return_sequences=group_size)
+        sequences, sampled_logprobs = self.generate(batch, num_return_sequences=group_size, logprobs=True)
         generated = time.perf_counter()
         completions, mask, ended = self.completions(sequences, prompt_length)
         each, combined = self.scores(batch, completions, group_size)
@@ -237,6 +251,7 @@ class OnlineRLModule(AlignModule):
             "completions": completions,
             "each_reward": each,
             "reward": combined,
+            "sampled_logprobs": sampled_logprobs * mask if sampled_logprobs is not None else None,
             "time/generate": generated - started,
             "time/reward": time.perf_counter() - generated,
         }

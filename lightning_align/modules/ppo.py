@@ -132,20 +132,27 @@ class PPOModule(OnlineRLModule):
         if not with_values:
             return logprobs, None
         if self.critic is not None:
-            sequences, attention_mask = rollout["sequences"][rows], rollout["attention_mask"][rows]
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = self.critic.base_model(
-                input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state[:, rollout["prompt_length"] - 1 : -1]
-            return logprobs, self.critic.score(hidden).squeeze(-1).float()
+            return logprobs, self.critic_values(rollout, rows)
         return logprobs, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def critic_values(self, rollout: dict, rows=slice(None)) -> torch.Tensor:
+        """The separate value model's estimates V(s_t) at the positions that predict each response token."""
+        sequences, attention_mask = rollout["sequences"][rows], rollout["attention_mask"][rows]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.critic.base_model(
+            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state[:, rollout["prompt_length"] - 1 : -1]
+        return self.critic.score(hidden).squeeze(-1).float()
 
     # ----- rollout -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, batch: dict) -> dict:
         rollout = self.sample(batch)
         started = time.perf_counter()
-        rollout["logprobs"], values = self.policy_forward(rollout)
+        if self.critic is not None and rollout["sampled_logprobs"] is not None and self.sampled_logprobs_exact:
+            rollout["logprobs"], values = rollout["sampled_logprobs"], self.critic_values(rollout)  # one pass less
+        else:
+            rollout["logprobs"], values = self.policy_forward(rollout)
         with self.reference(self.model) as reference:
             ref_logprobs, _ = self.response_logps(reference, rollout)
         scores = rollout["reward"]

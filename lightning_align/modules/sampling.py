@@ -79,25 +79,34 @@ def decode(
     top_p: float = 1.0,
     greedy: bool = False,
     min_new_tokens: int = 0,
-) -> torch.Tensor:
+    return_logprobs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts followed by their sampled responses [batch, prompt + response]: after a row's EOS its
-    tokens are `pad_token_id`, and the loop stops when every row has ended or at `max_new_tokens`."""
+    tokens are `pad_token_id`, and the loop stops when every row has ended or at `max_new_tokens`.
+
+    With `return_logprobs`, also log softmax(logits / temperature) of each chosen token [batch, response] (the
+    whole distribution, before top-k / top-p filtering, as a learning pass scores it): the rollout's log-probs
+    without another forward pass."""
     from transformers import DynamicCache
 
     base = unwrapped(model)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     positions = {"position_ids": position_ids} if forward_takes(type(base), "position_ids") else {}
     cache = {cache_argument(type(base)): DynamicCache(config=base.config)}  # filled in place by each forward
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **cache, **positions)
+    last_only = {"logits_to_keep": 1} if forward_takes(type(base), "logits_to_keep") else {}  # not the prompt's
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **cache, **positions, **last_only)
     ended = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-    chosen = []
+    chosen, logprobs = [], []
     for step in range(max_new_tokens):
         logits = out.logits[:, -1]
+        scaled = logits.float() / temperature
         if step < min_new_tokens:
             logits = logits.clone()
             logits[:, eos_token_id] = float("-inf")
         token = next_tokens(logits, temperature, top_k, top_p, greedy).masked_fill(ended, pad_token_id)
         chosen.append(token)
+        if return_logprobs:
+            logprobs.append(scaled.gather(-1, token[:, None]).squeeze(-1) - scaled.logsumexp(-1))
         ended |= token == eos_token_id
         if ended.all() or step == max_new_tokens - 1:
             break
@@ -105,7 +114,8 @@ def decode(
         if positions:
             positions["position_ids"] = positions["position_ids"][:, -1:] + 1
         out = model(input_ids=token[:, None], attention_mask=attention_mask, use_cache=True, **cache, **positions)
-    return torch.cat([input_ids, torch.stack(chosen, dim=1)], dim=1)
+    sequences = torch.cat([input_ids, torch.stack(chosen, dim=1)], dim=1)
+    return (sequences, torch.stack(logprobs, dim=1)) if return_logprobs else sequences
 
 
 class Sampler:
@@ -114,7 +124,11 @@ class Sampler:
     def __init__(self):
         self.use_loop: bool | None = None
 
-    def __call__(self, model, input_ids, attention_mask, eos_token_id, pad_token_id, greedy=False, **sampling):
+    def __call__(
+        self, model, input_ids, attention_mask, eos_token_id, pad_token_id, greedy=False, logprobs=False, **sampling
+    ):
+        """(sequences, their responses' log-probs from the decode loop when `logprobs` is asked for and the loop
+        sampled, else None)."""
         if self.use_loop is None:
             self.use_loop = decode_loop_proven(model)
             base = unwrapped(model)
@@ -125,23 +139,26 @@ class Sampler:
             )
             rank_zero_info(f"sampling {getattr(base.config, 'model_type', '?')} ({type(base).__name__}): {how}")
         if self.use_loop:
-            return decode(
+            out = decode(
                 model,
                 input_ids,
                 attention_mask,
                 eos_token_id=eos_token_id,
                 pad_token_id=pad_token_id,
                 greedy=greedy,
+                return_logprobs=logprobs,
                 **sampling,
             )
+            return out if logprobs else (out, None)
         options = {"do_sample": False} if greedy else {"do_sample": True, **sampling}
         options["max_new_tokens"] = sampling["max_new_tokens"]
         if "min_new_tokens" in sampling:
             options["min_new_tokens"] = sampling["min_new_tokens"]
-        return model.generate(
+        sequences = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             pad_token_id=pad_token_id,
             eos_token_id=eos_token_id,
             **options,
         )
+        return sequences, None

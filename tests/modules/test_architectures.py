@@ -22,6 +22,7 @@ from lightning_align.data.collate import packed_collate, unpack
 from lightning_align.demos.architectures import ARCHITECTURES, WINDOW
 from lightning_align.losses import sft_loss
 from lightning_align.modules.dpo import response_logps
+from lightning_align.modules.online import response_forward
 from lightning_align.modules.reward import batch_rewards
 from lightning_align.modules.scoring import SAFE_PLAN, fastest_plan
 from tests.conftest import padded, random_examples, ready, trainer
@@ -155,6 +156,15 @@ def test_the_decode_loop_samples_generates_tokens(name, adapter, model_folders, 
     assert ours.tolist() == expected.tolist()
     nearly_greedy = decode(model, input_ids, attention_mask, new, 2, 0, temperature=1e-6, min_new_tokens=new)
     assert nearly_greedy.tolist() == expected.tolist()
+    # The sampler's log-probs (a rollout's pi_old in float32) equal the model's own forward's on the sequences.
+    sampled, logprobs = decode(
+        model, input_ids, attention_mask, new, 2, 0, 0.8, min_new_tokens=new, return_logprobs=True
+    )
+    mask = torch.ones_like(sampled[:, input_ids.shape[1] :])
+    full_mask = torch.cat([attention_mask, mask], dim=1)
+    with torch.no_grad():
+        own, _ = response_forward(model, sampled, full_mask, input_ids.shape[1], mask, SAFE_PLAN, 0.8)
+    torch.testing.assert_close(logprobs, own, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
