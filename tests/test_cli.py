@@ -120,7 +120,7 @@ def test_print_config_round_trips_to_the_same_run(demo_home, tmp_path):
     [
         (["--model.init_args.betaa=0.2"], "betaa"),
         (["--model.beta=strong"], "beta"),
-        (["--model.loss_type=dpop"], "unknown loss_type 'dpop'; valid: sigmoid, ipo, hinge, robust, simpo"),
+        (["--model.loss_type=dpop"], "unknown loss_type 'dpop'; valid: sigmoid, ipo, hinge, robust, exo_pair"),
         (["--data.train_data=missing.jsonl"], "missing.jsonl: no such file or folder"),
         (["--model.model=no/such-model"], "'no/such-model' could not be loaded"),
     ],

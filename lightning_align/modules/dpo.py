@@ -1,4 +1,5 @@
-"""Direct preference optimisation (and its IPO / hinge / robust / SimPO variants)."""
+"""Direct preference optimisation and its family (IPO, hinge, robust, EXO, NCA, BCO, SPPO, AOT, APO, DiscoPOP,
+SimPO, ...), alone or as a weighted mixture."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from torchmetrics import MeanMetric
 
 from lightning_align.losses import (
     DPO_LOSS_TYPES,
+    LENGTH_AVERAGED_LOSS_TYPES,
+    SMOOTHED_LOSS_TYPES,
     check_label_smoothing,
     dpo_loss,
+    length_desensitised_logps,
     simpo_loss,
 )
 from lightning_align.modules.base import AlignModule, ModelSource, in_row_order, plan_token_logps
@@ -51,17 +55,62 @@ def response_logps(model: nn.Module, batch: dict, average: bool = False, plan: S
     return sums / (labels[:, 1:] != -100).sum(-1).clamp(min=1) if average else sums
 
 
+REFERENCE_FREE_TYPES = ("simpo", "sft")
+DEFAULTS = {"ipo_normalize": True, "simpo_gamma": 0.5, "discopop_tau": 0.05}
+USED_BY = {"ipo_normalize": "ipo", "simpo_gamma": "simpo", "discopop_tau": "discopop"}
+
+
+def check_loss_settings(
+    loss_types: list[str], loss_weights, label_smoothing, ipo_normalize, simpo_gamma, discopop_tau, ld_alpha
+) -> None:
+    """Refuse unknown loss types, mismatched weights, and settings that none of the chosen losses uses."""
+    valid = DPO_LOSS_TYPES + ("simpo", "sft")
+    unknown = [kind for kind in loss_types if kind not in valid]
+    if unknown or not loss_types:
+        raise ValueError(f"unknown loss_type {unknown[0] if unknown else loss_types!r}; valid: {', '.join(valid)}")
+    if len(set(loss_types)) != len(loss_types):
+        raise ValueError(f"loss_type lists a type twice: {loss_types}; weigh it with loss_weights instead")
+    if loss_types == ["sft"]:
+        raise ValueError('loss_type "sft" alone is supervised fine-tuning: use SFTModule, or add a preference loss')
+    if loss_weights is not None and len(loss_weights) != len(loss_types):
+        raise ValueError(f"{len(loss_weights)} loss_weights for {len(loss_types)} loss types; give one per type")
+    if label_smoothing and not any(kind in SMOOTHED_LOSS_TYPES for kind in loss_types):
+        raise ValueError(
+            f"label_smoothing is not defined for loss_type={' + '.join(map(repr, loss_types))}; it applies to "
+            f"{', '.join(SMOOTHED_LOSS_TYPES)}"
+        )
+    for kind in loss_types:
+        if kind in SMOOTHED_LOSS_TYPES or kind == "exo_pair":
+            check_label_smoothing(kind, label_smoothing)
+    given = {"ipo_normalize": ipo_normalize, "simpo_gamma": simpo_gamma, "discopop_tau": discopop_tau}
+    for name, value in given.items():
+        if value != DEFAULTS[name] and USED_BY[name] not in loss_types:
+            raise ValueError(f"{name} is a setting of loss_type {USED_BY[name]!r}, which is not among {loss_types}")
+    if ld_alpha is not None and not 0 <= ld_alpha <= 1:
+        raise ValueError(f"ld_alpha must be in [0, 1] (1 is plain DPO), got {ld_alpha}")
+
+
 class DPOModule(AlignModule):
     """Preference optimisation of a causal LM on `PreferenceDataModule` batches.
 
     Args:
         beta: strength of the implicit KL constraint (for SimPO, the reward scale; its paper uses about 2).
-        loss_type: "sigmoid" (DPO), "ipo", "hinge", "robust" or "simpo" (reference-free, length-normalised).
-        label_smoothing: assumed share of flipped labels, for "sigmoid" (cDPO), "robust" and "simpo" (as TRL's
-            CPO trainer); refused for "ipo" and "hinge", where it has no meaning.
+        loss_type: one loss or a list of them, weighted by `loss_weights` (as in MPO: ["sigmoid", "bco_pair",
+            "sft"]): "sigmoid" (DPO), "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+            "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm" (formulas and papers in
+            `losses.dpo_loss`), "simpo" (reference-free, `losses.simpo_loss`) and "sft" (the chosen responses'
+            mean negative log-likelihood per token, averaged over pairs). The logged rewards are the first
+            type's.
+        loss_weights: one weight per loss type (default 1 each).
+        label_smoothing: assumed share of flipped labels, for "sigmoid" (cDPO), "robust", "aot", "aot_unpaired"
+            and "simpo"; EXO's target epsilon for "exo_pair" (required there); refused where no type uses it.
         ipo_normalize: for "ipo", use length-averaged log-probs (policy and reference) as its authors recommend
             and TRL does; False uses sums.
-        simpo_gamma: SimPO's target reward margin.
+        simpo_gamma: SimPO's target reward margin (refused unless "simpo" is a loss type).
+        discopop_tau: DiscoPOP's modulation temperature (refused unless "discopop" is a loss type).
+        ld_alpha: LD-DPO's length desensitisation (Liu et al. 2024): each pair's tokens beyond the shorter
+            response's length count with this weight in both responses' log-probs, policy and reference
+            (`losses.length_desensitised_logps`); None (default) counts every token in full.
         rpo_alpha: weight of an extra negative log-likelihood term on the chosen responses, as in RPO (Pang et al.
             2024, "Iterative Reasoning Preference Optimization"); it keeps the chosen responses' likelihood from
             falling while the margin grows. 0 is plain DPO. The NLL is each chosen response's mean over its
@@ -94,10 +143,13 @@ class DPOModule(AlignModule):
         self,
         model: ModelSource,
         beta: float = 0.1,
-        loss_type: str = "sigmoid",
+        loss_type: str | list[str] = "sigmoid",
+        loss_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
         ipo_normalize: bool = True,
         simpo_gamma: float = 0.5,
+        discopop_tau: float = 0.05,
+        ld_alpha: float | None = None,
         rpo_alpha: float = 0.0,
         ref_model: str | None = None,
         precompute_ref_logps: bool = False,
@@ -107,30 +159,36 @@ class DPOModule(AlignModule):
         disable_dropout: bool = True,
         **kwargs,
     ):
-        if loss_type not in DPO_LOSS_TYPES + ("simpo",):
-            raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES + ('simpo',))}")
-        check_label_smoothing(loss_type, label_smoothing)
+        loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        check_loss_settings(
+            loss_types, loss_weights, label_smoothing, ipo_normalize, simpo_gamma, discopop_tau, ld_alpha
+        )
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}: it scales the implicit reward (DPO uses about 0.1)")
         super().__init__(model, **kwargs)
         self.beta = beta
-        self.loss_type = loss_type
+        self.loss_types = loss_types
+        self.loss_weights = list(loss_weights) if loss_weights is not None else [1.0] * len(loss_types)
         self.label_smoothing = label_smoothing
         self.ipo_normalize = ipo_normalize
         self.simpo_gamma = simpo_gamma
+        self.discopop_tau = discopop_tau
+        self.ld_alpha = ld_alpha
+        # BCO's reward shift: the running mean of the implicit rewards seen in training (checkpointed).
+        self.bco_rewards = {"sum": 0.0, "count": 0}
         self.rpo_alpha = rpo_alpha
         self.ref_model_path = ref_model
         self.ref_cache_dir = ref_cache_dir
         self.padding_free = padding_free
         self.scoring = Scoring(scoring_check)
         self.disable_dropout = disable_dropout
-        self.precompute_ref_logps = (precompute_ref_logps or ref_cache_dir is not None) and loss_type != "simpo"
+        self.precompute_ref_logps = (precompute_ref_logps or ref_cache_dir is not None) and not self.reference_free
         self.reference: Reference | None = None
         self.val_metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in PREFERENCE_METRICS})
 
     @property
     def reference_free(self) -> bool:
-        return self.loss_type == "simpo"
+        return all(kind in REFERENCE_FREE_TYPES for kind in self.loss_types)
 
     @property
     def uses_reference(self) -> bool:
@@ -145,7 +203,7 @@ class DPOModule(AlignModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.reference_free:
-            rank_zero_info("DPOModule reference: none (SimPO is reference-free)")
+            rank_zero_info(f"DPOModule reference: none ({' + '.join(self.loss_types)} is reference-free)")
             return
         self.reference.to(self.model)
         kind = self.reference.kind
@@ -208,6 +266,7 @@ class DPOModule(AlignModule):
             "tokenizer": tokenizer_fingerprint(datamodule.tokenizer),
             "max_length": str(datamodule.max_length),
             "truncation": str(getattr(datamodule, "truncation", "")),
+            "ld_alpha": str(self.ld_alpha),
         }
 
     def scoring_plan(self, model: nn.Module, batch: dict) -> ScoringPlan:
@@ -222,47 +281,76 @@ class DPOModule(AlignModule):
         )
 
     def sequence_logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return response_logps(model, batch, plan=self.scoring_plan(model, batch))
+        """Each row's log-prob [2 * pairs] (with `ld_alpha`, length-desensitised within its pair)."""
+        plan = self.scoring_plan(model, batch)
+        if self.ld_alpha is None:
+            return response_logps(model, batch, plan=plan)
+        logps, rows = plan_token_logps(model, batch, plan)
+        return torch.cat(length_desensitised_logps(logps, rows, len(batch["labels"]) // 2, self.ld_alpha))
 
     def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in batch:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         with self.reference(self.model) as reference:
-            return chosen_rejected_logps(reference, batch, plan=self.scoring_plan(reference, batch))
+            if self.ld_alpha is None:
+                return chosen_rejected_logps(reference, batch, plan=self.scoring_plan(reference, batch))
+            return self.sequence_logps(reference, batch).chunk(2)
+
+    @property
+    def bco_delta(self) -> float:
+        return self.bco_rewards["sum"] / max(self.bco_rewards["count"], 1)
 
     def preference_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Loss and metrics of a batch, per example."""
+        """Loss and metrics of a batch, per example: the weighted sum of the loss types' losses."""
         sums = self.sequence_logps(self.model, batch)
         lengths = (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
         means = sums / lengths
-        averaged = self.reference_free or (self.loss_type == "ipo" and self.ipo_normalize)
-        chosen, rejected = (means if averaged else sums).chunk(2)
-        if self.reference_free:
-            losses, chosen_rewards, rejected_rewards = simpo_loss(
-                chosen, rejected, self.beta, self.simpo_gamma, self.label_smoothing
-            )
-        else:
-            ref_chosen, ref_rejected = self.reference_logps(batch)
-            if averaged:
-                chosen_lengths, rejected_lengths = lengths.chunk(2)
-                ref_chosen, ref_rejected = ref_chosen / chosen_lengths, ref_rejected / rejected_lengths
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing
-            )
+        ref_sums = None if self.reference_free else torch.cat(self.reference_logps(batch))
+        losses, shown = 0.0, None
+        for kind, weight in zip(self.loss_types, self.loss_weights):
+            averaged = kind in LENGTH_AVERAGED_LOSS_TYPES or (kind == "ipo" and self.ipo_normalize)
+            chosen, rejected = (means if averaged else sums).chunk(2)
+            if kind == "sft":
+                losses = losses - weight * means.chunk(2)[0]  # the chosen responses' NLL per token
+                continue
+            if kind == "simpo":
+                result = simpo_loss(chosen, rejected, self.beta, self.simpo_gamma, self.label_smoothing)
+            else:
+                ref_chosen, ref_rejected = (ref_sums / lengths if averaged else ref_sums).chunk(2)
+                smoothing = self.label_smoothing if kind in SMOOTHED_LOSS_TYPES else 0.0
+                result = dpo_loss(
+                    chosen,
+                    rejected,
+                    ref_chosen,
+                    ref_rejected,
+                    self.beta,
+                    kind,
+                    smoothing,
+                    bco_delta=self.bco_delta,
+                    discopop_tau=self.discopop_tau,
+                )
+            losses = losses + weight * result[0]
+            if shown is None:
+                shown = (chosen.detach(), rejected.detach(), result[1], result[2])
         if self.rpo_alpha:
             losses = losses - self.rpo_alpha * means.chunk(2)[0]
+        chosen, rejected, chosen_rewards, rejected_rewards = shown
         return {
             "loss": losses,
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
             "rewards/margins": chosen_rewards - rejected_rewards,
-            "logps/chosen": chosen.detach(),
-            "logps/rejected": rejected.detach(),
+            "logps/chosen": chosen,
+            "logps/rejected": rejected,
         }
 
     def training_step(self, batch, batch_idx):
         metrics = self.preference_step(batch)
+        if "bco_pair" in self.loss_types:  # BCO's delta follows the implicit rewards of the batches trained on
+            rewards = torch.cat([metrics["rewards/chosen"], metrics["rewards/rejected"]])
+            self.bco_rewards["sum"] += float(rewards.double().sum())
+            self.bco_rewards["count"] += len(rewards)
         loss = metrics.pop("loss").mean()
         batch_size = len(metrics["rewards/chosen"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -283,3 +371,11 @@ class DPOModule(AlignModule):
     def on_validation_epoch_end(self) -> None:
         metrics = {f"val/{name}": self.val_metrics[name.replace("/", "_")].compute() for name in PREFERENCE_METRICS}
         self.log_dict(metrics)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["bco_rewards"] = dict(self.bco_rewards)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.bco_rewards = dict(checkpoint.get("bco_rewards", self.bco_rewards))

@@ -27,7 +27,7 @@ def base_logps(model_path, batch):
 
 
 def test_unknown_loss_type_is_refused_at_construction():
-    with pytest.raises(ValueError, match="unknown loss_type 'dpop'; valid: sigmoid, ipo, hinge, robust, simpo"):
+    with pytest.raises(ValueError, match="unknown loss_type 'dpop'; valid: sigmoid, ipo, .*, simpo, sft"):
         DPOModule("any", loss_type="dpop")
 
 
@@ -195,3 +195,129 @@ def test_ipo_uses_length_averaged_log_ratios_by_default(sft_model, task_files, n
 def test_label_smoothing_is_refused_where_it_has_no_meaning(loss_type):
     with pytest.raises(ValueError, match=f"label_smoothing is not defined for loss_type='{loss_type}'"):
         DPOModule("any", loss_type=loss_type, label_smoothing=0.1)
+
+
+def moved_module(model_path, **options):
+    """A DPOModule whose policy has moved away from its reference (so every loss has a gradient to give)."""
+    module = DPOModule(model_path, **options)
+    module.configure_model()
+    module.reference.to(module.model)
+    torch.manual_seed(0)
+    for p in module.model.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    module.model.eval()
+    return module
+
+
+def test_a_weighted_mixture_is_the_weighted_sum_of_its_losses(sft_model, task_files):
+    from lightning_align.losses import dpo_loss
+
+    dm = preference_data(sft_model, task_files)
+    batch = dm.collate(dm.train_set[:8])
+    module = moved_module(sft_model, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])
+    module.bco_rewards = {"sum": 0.3, "count": 2}  # delta 0.15
+    with torch.no_grad():
+        policy = chosen_rejected_logps(module.model, batch)
+        reference = chosen_rejected_logps(module.reference.network, batch)
+        metrics = module.preference_step(batch)
+    lengths = (batch["labels"][:, 1:] != -100).sum(-1).chunk(2)
+    sigmoid, chosen_rewards, _ = dpo_loss(*policy, *reference, 0.1, "sigmoid")
+    bco, _, _ = dpo_loss(*policy, *reference, 0.1, "bco_pair", bco_delta=0.15)
+    expected = 0.8 * sigmoid + 0.2 * bco - 1.0 * policy[0] / lengths[0]
+    torch.testing.assert_close(metrics["loss"], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(metrics["rewards/chosen"], chosen_rewards, rtol=1e-4, atol=1e-5)  # the first type's
+
+
+def test_bco_delta_is_the_running_mean_of_the_rewards_trained_on_and_resumes(sft_model, task_files, tmp_path):
+    import lightning as L
+
+    module = DPOModule(sft_model, loss_type="bco_pair", learning_rate=1e-4)
+    seen = []
+
+    class Rewards(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(pl_module.bco_delta)
+
+    fit = trainer(tmp_path, max_steps=3, callbacks=[Rewards()], enable_checkpointing=True)
+    fit.fit(module, datamodule=preference_data(sft_model, task_files))
+    assert module.bco_rewards["count"] == 3 * 2 * 8 and seen[-1] == module.bco_delta != 0
+    checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True)
+    assert checkpoint["bco_rewards"] == module.bco_rewards
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_ld_alpha_down_weights_the_longer_responses_tail_for_policy_and_reference(sft_model, task_files, alpha):
+    dm = preference_data(sft_model, task_files)
+    batch = dm.collate(dm.train_set[:8])
+    plain, ld = moved_module(sft_model), moved_module(sft_model, ld_alpha=alpha)
+    with torch.no_grad():
+        logits = ld.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+        tokens = []
+        for b in range(16):
+            tokens.append(
+                [
+                    torch.log_softmax(logits[b, t - 1], -1)[batch["labels"][b, t]].item()
+                    for t in range(1, logits.shape[1])
+                    if batch["labels"][b, t] != -100
+                ]
+            )
+        got = ld.sequence_logps(ld.model, batch)
+        ref = torch.cat(ld.reference_logps(batch))
+        ref_plain = torch.cat(plain.reference_logps(batch))
+    for b in range(16):
+        shared = min(len(tokens[b % 8]), len(tokens[b % 8 + 8]))
+        expected = sum(tokens[b][:shared]) + alpha * sum(tokens[b][shared:])
+        assert got[b].item() == pytest.approx(expected, abs=1e-3)
+    if alpha == 1.0:
+        torch.testing.assert_close(ref, ref_plain)
+    else:
+        assert (ref > ref_plain).any()  # the reference's tails are down-weighted too (log-probs are negative)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(loss_type="sigmoid", simpo_gamma=1.0), "simpo_gamma is a setting of loss_type 'simpo'"),
+        (dict(loss_type="sigmoid", discopop_tau=0.1), "discopop_tau is a setting of loss_type 'discopop'"),
+        (dict(loss_type="sigmoid", ipo_normalize=False), "ipo_normalize is a setting of loss_type 'ipo'"),
+        (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "1 loss_weights for 2 loss types"),
+        (dict(loss_type=["sigmoid", "sigmoid"]), "lists a type twice"),
+        (dict(loss_type="sft"), "use SFTModule"),
+        (dict(loss_type="exo_pair"), "needs 0 < label_smoothing < 1"),
+        (dict(loss_type="sigmoid", ld_alpha=1.5), "ld_alpha must be in"),
+    ],
+)
+def test_settings_no_chosen_loss_uses_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        DPOModule("any", **options)
+
+
+ALL_TYPES = [
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+    "simpo",
+]
+
+
+@pytest.mark.parametrize("loss_type", ALL_TYPES)
+def test_every_loss_type_trains(loss_type, tiny_model, task_files, tmp_path):
+    smoothing = {"exo_pair": 1e-3}.get(loss_type, 0.0)
+    module = DPOModule(
+        tiny_model, loss_type=[loss_type, "sft"], loss_weights=[1.0, 0.1], label_smoothing=smoothing, learning_rate=1e-3
+    )
+    fit = trainer(tmp_path, max_steps=2)
+    fit.fit(module, datamodule=preference_data(tiny_model, task_files, batch_size=4))
+    assert math.isfinite(fit.callback_metrics["train/loss"].item())
+    assert (module.reference is None) == (loss_type == "simpo")
