@@ -161,3 +161,15 @@ def test_gpu_configs_parse_and_build_on_cpu(config, demo_home, monkeypatch):
     expected = {"fsdp": "FSDPStrategy", "deepspeed": "deepspeed_stage", "cuda": "auto"}
     key = next(k for k in expected if k in config.stem)
     assert expected[key] in (strategy if isinstance(strategy, str) else type(strategy).__name__)
+
+
+def test_a_weighted_mixture_of_loss_types_is_selectable_from_yaml(demo_home, tmp_path):
+    config = next(c for c in CONFIGS if c.stem == "dpo_full")
+    mixture = ["--model.loss_type=[sigmoid, bco_pair, sft]", "--model.loss_weights=[0.8, 0.2, 1.0]"]
+    done = cli(["fit", "--config", str(config), *SHORT_RUN, *mixture, "--model.ld_alpha=0.5"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "dpo_full" / "wandb").glob("offline-run-*")
+    config_logged, metrics = logged(run_dir)
+    init_args = config_logged["run"]["model"]["init_args"]
+    assert init_args["loss_type"] == ["sigmoid", "bco_pair", "sft"] and init_args["loss_weights"] == [0.8, 0.2, 1.0]
+    assert init_args["ld_alpha"] == 0.5 and len(metrics["train/loss"]) == 2
