@@ -222,7 +222,7 @@ DPO_LOSS_TYPES = (
 # Where label smoothing has a meaning (for "exo_pair" it is required: the target distribution's epsilon).
 SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "simpo", "exo_pair", "aot", "aot_unpaired")
 # Losses defined on length-averaged log-probabilities (policy and reference).
-LENGTH_AVERAGED_LOSS_TYPES = ("sigmoid_norm", "simpo")
+LENGTH_AVERAGED_LOSS_TYPES = ("sigmoid_norm", "simpo", "orpo")
 
 
 def check_label_smoothing(loss_type: str, label_smoothing: float) -> None:
@@ -325,6 +325,24 @@ def dpo_loss(
         modulation = torch.sigmoid(beta * h / discopop_tau)
         losses = (1 - modulation) * -F.logsigmoid(beta * h) + modulation * torch.exp(-beta * h)
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor) -> tuple[Tensor, Tensor]:
+    """ORPO's odds-ratio term (Hong et al. 2024, eqs. 4-7), reference-free, per example: (losses, log_odds_ratio).
+
+    With length-averaged log-probabilities l = (1/|y|) log P(y|x) (the inputs, [batch]), log odds(y|x) =
+    l - log(1 - exp(l)), and losses = -log sigmoid(log odds(y+|x) - log odds(y-|x)). ORPO's objective adds
+    lambda times this to the chosen responses' NLL (`DPOModule(loss_type=["orpo", "sft"])`, `ORPOModule`).
+    """
+    log_odds = (policy_chosen_logps - _log1mexp(policy_chosen_logps)) - (
+        policy_rejected_logps - _log1mexp(policy_rejected_logps)
+    )
+    return -F.logsigmoid(log_odds), log_odds.detach()
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0 and far below it."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def length_desensitised_logps(token_logps: Tensor, rows: Tensor, num_pairs: int, alpha: float) -> tuple[Tensor, Tensor]:

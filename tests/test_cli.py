@@ -27,6 +27,8 @@ METRICS = {  # what each module's issue says it logs
     "ppo": ["train/reward/mean", "train/reward/std", "train/kl", "train/kl_coef", "train/entropy"]
     + ["train/policy/clipfrac", "train/policy/approx_kl", "train/loss/policy", "train/loss/value"]
     + ["train/response_length", "train/time/generate", "train/time/learn", "val/reward"],
+    "orpo": ["train/loss", "rewards/chosen", "rewards/accuracies", "log_odds_ratio", "val/loss", "val/log_odds_ratio"]
+    + ["val/rewards/accuracies"],
     "grpo": ["train/reward/mean", "train/reward/std", "train/loss", "train/entropy", "train/policy/clipfrac"]
     + ["train/groups/zero_std", "train/response_length", "train/time/generate", "train/time/learn", "val/reward"],
 }

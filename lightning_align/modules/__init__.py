@@ -2,6 +2,7 @@ from lightning_align.modules.base import AlignModule
 from lightning_align.modules.dpo import DPOModule
 from lightning_align.modules.grpo import GRPOModule
 from lightning_align.modules.online import OnlineRLModule
+from lightning_align.modules.orpo import ORPOModule
 from lightning_align.modules.ppo import PPOModule
 from lightning_align.modules.reward import RewardModule
 from lightning_align.modules.rewards import Rewards
@@ -11,6 +12,7 @@ __all__ = [
     "AlignModule",
     "DPOModule",
     "GRPOModule",
+    "ORPOModule",
     "OnlineRLModule",
     "PPOModule",
     "RewardModule",

@@ -15,6 +15,7 @@ from lightning_align.losses import (
     check_label_smoothing,
     dpo_loss,
     length_desensitised_logps,
+    orpo_loss,
     simpo_loss,
 )
 from lightning_align.modules.base import AlignModule, ModelSource, in_row_order, plan_token_logps
@@ -55,7 +56,7 @@ def response_logps(model: nn.Module, batch: dict, average: bool = False, plan: S
     return sums / (labels[:, 1:] != -100).sum(-1).clamp(min=1) if average else sums
 
 
-REFERENCE_FREE_TYPES = ("simpo", "sft")
+REFERENCE_FREE_TYPES = ("simpo", "sft", "orpo")
 DEFAULTS = {"ipo_normalize": True, "simpo_gamma": 0.5, "discopop_tau": 0.05}
 USED_BY = {"ipo_normalize": "ipo", "simpo_gamma": "simpo", "discopop_tau": "discopop"}
 
@@ -64,7 +65,7 @@ def check_loss_settings(
     loss_types: list[str], loss_weights, label_smoothing, ipo_normalize, simpo_gamma, discopop_tau, ld_alpha
 ) -> None:
     """Refuse unknown loss types, mismatched weights, and settings that none of the chosen losses uses."""
-    valid = DPO_LOSS_TYPES + ("simpo", "sft")
+    valid = DPO_LOSS_TYPES + ("simpo", "orpo", "sft")
     unknown = [kind for kind in loss_types if kind not in valid]
     if unknown or not loss_types:
         raise ValueError(f"unknown loss_type {unknown[0] if unknown else loss_types!r}; valid: {', '.join(valid)}")
@@ -98,8 +99,9 @@ class DPOModule(AlignModule):
         loss_type: one loss or a list of them, weighted by `loss_weights` (as in MPO: ["sigmoid", "bco_pair",
             "sft"]): "sigmoid" (DPO), "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
             "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm" (formulas and papers in
-            `losses.dpo_loss`), "simpo" (reference-free, `losses.simpo_loss`) and "sft" (the chosen responses'
-            mean negative log-likelihood per token, averaged over pairs). The logged rewards are the first
+            `losses.dpo_loss`), "simpo" (reference-free, `losses.simpo_loss`), "orpo" (reference-free odds
+            ratio, `losses.orpo_loss`; `ORPOModule` pairs it with "sft") and "sft" (the chosen responses' mean
+            negative log-likelihood per token, averaged over pairs). The logged rewards are the first
             type's.
         loss_weights: one weight per loss type (default 1 each).
         label_smoothing: assumed share of flipped labels, for "sigmoid" (cDPO), "robust", "aot", "aot_unpaired"
@@ -184,7 +186,8 @@ class DPOModule(AlignModule):
         self.disable_dropout = disable_dropout
         self.precompute_ref_logps = (precompute_ref_logps or ref_cache_dir is not None) and not self.reference_free
         self.reference: Reference | None = None
-        self.val_metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in PREFERENCE_METRICS})
+        self.metric_names = PREFERENCE_METRICS + (("log_odds_ratio",) if "orpo" in loss_types else ())
+        self.val_metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in self.metric_names})
 
     @property
     def reference_free(self) -> bool:
@@ -306,7 +309,7 @@ class DPOModule(AlignModule):
         lengths = (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
         means = sums / lengths
         ref_sums = None if self.reference_free else torch.cat(self.reference_logps(batch))
-        losses, shown = 0.0, None
+        losses, shown, extra = 0.0, None, {}
         for kind, weight in zip(self.loss_types, self.loss_weights):
             averaged = kind in LENGTH_AVERAGED_LOSS_TYPES or (kind == "ipo" and self.ipo_normalize)
             chosen, rejected = (means if averaged else sums).chunk(2)
@@ -315,6 +318,10 @@ class DPOModule(AlignModule):
                 continue
             if kind == "simpo":
                 result = simpo_loss(chosen, rejected, self.beta, self.simpo_gamma, self.label_smoothing)
+            elif kind == "orpo":
+                odds_losses, log_odds = orpo_loss(chosen, rejected)
+                result = (odds_losses, self.beta * chosen.detach(), self.beta * rejected.detach())
+                extra["log_odds_ratio"] = log_odds
             else:
                 ref_chosen, ref_rejected = (ref_sums / lengths if averaged else ref_sums).chunk(2)
                 smoothing = self.label_smoothing if kind in SMOOTHED_LOSS_TYPES else 0.0
@@ -343,6 +350,7 @@ class DPOModule(AlignModule):
             "rewards/margins": chosen_rewards - rejected_rewards,
             "logps/chosen": chosen,
             "logps/rejected": rejected,
+            **extra,
         }
 
     def training_step(self, batch, batch_idx):
@@ -369,7 +377,7 @@ class DPOModule(AlignModule):
             metric.reset()
 
     def on_validation_epoch_end(self) -> None:
-        metrics = {f"val/{name}": self.val_metrics[name.replace("/", "_")].compute() for name in PREFERENCE_METRICS}
+        metrics = {f"val/{name}": self.val_metrics[name.replace("/", "_")].compute() for name in self.metric_names}
         self.log_dict(metrics)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
