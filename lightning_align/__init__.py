@@ -21,11 +21,18 @@ from lightning_align.callbacks import (  # noqa: E402
     QLoRA,
     StepProgressBar,
 )
-from lightning_align.data import DataError, PreferenceDataModule, PromptDataModule, SFTDataModule  # noqa: E402
+from lightning_align.data import (  # noqa: E402
+    DataError,
+    PreferenceDataModule,
+    PromptDataModule,
+    SFTDataModule,
+    UnpairedPreferenceDataModule,
+)
 from lightning_align.modules import (  # noqa: E402
     AlignModule,
     DPOModule,
     GRPOModule,
+    KTOModule,
     ORPOModule,
     PPOModule,
     RewardModule,
@@ -39,6 +46,7 @@ __all__ = [
     "DataError",
     "ExportPretrained",
     "GRPOModule",
+    "KTOModule",
     "GenerationSamples",
     "LastCheckpoint",
     "LoRA",
@@ -51,4 +59,5 @@ __all__ = [
     "SFTDataModule",
     "SFTModule",
     "StepProgressBar",
+    "UnpairedPreferenceDataModule",
 ]

@@ -27,6 +27,7 @@ METRICS = {  # what each module's issue says it logs
     "ppo": ["train/reward/mean", "train/reward/std", "train/kl", "train/kl_coef", "train/entropy"]
     + ["train/policy/clipfrac", "train/policy/approx_kl", "train/loss/policy", "train/loss/value"]
     + ["train/response_length", "train/time/generate", "train/time/learn", "val/reward"],
+    "kto": ["train/loss", "kl", "rewards/desirable", "rewards/undesirable", "val/loss", "val/rewards/margins"],
     "orpo": ["train/loss", "rewards/chosen", "rewards/accuracies", "log_odds_ratio", "val/loss", "val/log_odds_ratio"]
     + ["val/rewards/accuracies"],
     "grpo": ["train/reward/mean", "train/reward/std", "train/loss", "train/entropy", "train/policy/clipfrac"]

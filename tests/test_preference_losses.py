@@ -150,3 +150,39 @@ def test_orpo_odds_ratio_loss_matches_the_written_out_formula_with_gradients():
                 sum(naive(*[v.tolist() for v in pair])[0]) - sum(naive(*[v.tolist() for v in pair_down])[0])
             ) / 2e-6
             assert grad[i].item() == pytest.approx(numeric, rel=1e-5)
+
+
+def test_kto_loss_and_reference_point_match_the_written_out_formula_with_gradients():
+    from lightning_align.losses import kto_kl, kto_loss
+
+    g = torch.Generator().manual_seed(5)
+    policy = (torch.randn(B, generator=g, dtype=torch.float64) - 10).requires_grad_()
+    ref = torch.randn(B, generator=g, dtype=torch.float64) - 10
+    desirable = torch.tensor([True, False, True, True, False])
+    kl_policy, kl_ref = (
+        torch.randn(B, generator=g, dtype=torch.float64),
+        torch.randn(B, generator=g, dtype=torch.float64),
+    )
+    z0 = kto_kl(kl_policy, kl_ref)
+    assert z0.item() == pytest.approx(max(0.0, sum((kl_policy - kl_ref).tolist()) / B))
+    assert kto_kl(kl_ref - 5, kl_ref).item() == 0  # clamped at zero
+    losses, rewards = kto_loss(policy, ref, desirable, z0, BETA, 1.5, 0.7)
+
+    def naive(p):
+        out = []
+        for i in range(B):
+            r = p[i] - ref[i].item()
+            if desirable[i]:
+                out.append(1.5 * (1 - sigmoid(BETA * (r - z0.item()))))
+            else:
+                out.append(0.7 * (1 - sigmoid(BETA * (z0.item() - r))))
+        return out
+
+    assert losses.tolist() == pytest.approx(naive(policy.tolist()), rel=1e-10)
+    assert rewards.tolist() == pytest.approx([BETA * (policy[i] - ref[i]).item() for i in range(B)])
+    (grad,) = torch.autograd.grad(losses.sum(), policy)
+    for i in range(B):
+        up, down = policy.tolist(), policy.tolist()
+        up[i] += 1e-6
+        down[i] -= 1e-6
+        assert grad[i].item() == pytest.approx((sum(naive(up)) - sum(naive(down))) / 2e-6, rel=1e-5)

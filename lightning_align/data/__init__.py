@@ -3,6 +3,7 @@ from lightning_align.data.preference import PreferenceDataModule
 from lightning_align.data.prompts import PromptDataModule
 from lightning_align.data.sft import SFTDataModule
 from lightning_align.data.sources import DataError, read_rows
+from lightning_align.data.unpaired import UnpairedPreferenceDataModule
 
 __all__ = [
     "AlignDataModule",
@@ -10,6 +11,7 @@ __all__ = [
     "PreferenceDataModule",
     "PromptDataModule",
     "SFTDataModule",
+    "UnpairedPreferenceDataModule",
     "load_tokenizer",
     "read_rows",
 ]

@@ -1,6 +1,7 @@
 from lightning_align.modules.base import AlignModule
 from lightning_align.modules.dpo import DPOModule
 from lightning_align.modules.grpo import GRPOModule
+from lightning_align.modules.kto import KTOModule
 from lightning_align.modules.online import OnlineRLModule
 from lightning_align.modules.orpo import ORPOModule
 from lightning_align.modules.ppo import PPOModule
@@ -12,6 +13,7 @@ __all__ = [
     "AlignModule",
     "DPOModule",
     "GRPOModule",
+    "KTOModule",
     "ORPOModule",
     "OnlineRLModule",
     "PPOModule",

@@ -56,9 +56,15 @@ BATCH_KINDS = {
     "sft": "token sequences with labels",
     "preference": "preference pairs (chosen and rejected responses)",
     "prompts": "prompts to sample from",
+    "unpaired": "answers marked desirable or undesirable",
     "unknown": "batches without input_ids",
 }
-DATA_MODULES = {"sft": "SFTDataModule", "preference": "PreferenceDataModule", "prompts": "PromptDataModule"}
+DATA_MODULES = {
+    "sft": "SFTDataModule",
+    "preference": "PreferenceDataModule",
+    "prompts": "PromptDataModule",
+    "unpaired": "UnpairedPreferenceDataModule",
+}
 
 
 def batch_kind(batch: dict) -> str:
@@ -66,6 +72,8 @@ def batch_kind(batch: dict) -> str:
         return "preference"
     if "prompts" in batch:
         return "prompts"
+    if "desirable" in batch:
+        return "unpaired"
     return "sft" if "input_ids" in batch and "labels" in batch else "unknown"
 
 

@@ -1,0 +1,149 @@
+"""KTO: alignment from unpaired feedback, single answers marked desirable or undesirable (Ethayarajh et al. 2024)."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torchmetrics import MeanMetric
+
+from lightning_align.losses import kto_kl, kto_loss
+from lightning_align.modules.base import AlignModule, ModelSource, in_row_order, plan_token_logps
+from lightning_align.modules.dpo import response_logps
+from lightning_align.modules.reference import Reference
+from lightning_align.modules.scoring import CHECKED_ROWS, Scoring, ScoringPlan
+
+# The paper's recommended range of lambda_D n_D / (lambda_U n_U) (section 4.2).
+BALANCE_RANGE = (1.0, 4 / 3)
+
+
+class KTOModule(AlignModule):
+    """KTO on `UnpairedPreferenceDataModule` batches.
+
+    Args:
+        beta: the value function's scale (the paper's default 0.1).
+        desirable_weight, undesirable_weight: lambda_D and lambda_U. The paper recommends lambda_D n_D /
+            (lambda_U n_U) in [1, 4/3] (n_D, n_U: the desirable and undesirable training examples); a run outside
+            it is warned about at start, with the weight that would bring it in.
+        padding_free, scoring_check, disable_dropout: as `DPOModule`.
+        Other arguments as `AlignModule`.
+
+    The reference is the adapter-disabled policy under LoRA / QLoRA, else a frozen copy of the starting policy.
+    Each batch also scores B mismatched prompt / answer rows (one forward with the real ones) to estimate the
+    KL reference point. Logs `train/loss`, `kl`, `rewards/desirable`, `rewards/undesirable`, `rewards/margins`
+    (their difference) and the same with `val/`.
+    """
+
+    batch_kind = "unpaired"
+    uses_reference = True
+
+    def __init__(
+        self,
+        model: ModelSource,
+        beta: float = 0.1,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        padding_free: bool = True,
+        scoring_check: str = "fallback",
+        disable_dropout: bool = True,
+        **kwargs,
+    ):
+        if beta <= 0 or desirable_weight <= 0 or undesirable_weight <= 0:
+            raise ValueError("beta, desirable_weight and undesirable_weight must be positive")
+        super().__init__(model, **kwargs)
+        self.beta = beta
+        self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
+        self.padding_free = padding_free
+        self.scoring = Scoring(scoring_check)
+        self.disable_dropout = disable_dropout
+        self.reference: Reference | None = None
+        self.val_desirable, self.val_undesirable, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.reference is None:
+            self.reference = Reference(self.model)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.reference.to(self.model)
+        rank_zero_info(f"KTOModule reference: {self.reference.kind}")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        examples = getattr(datamodule, "train_set", None) or []
+        desirable = sum(e["desirable"] for e in examples)
+        if examples:
+            self.check_balance(desirable, len(examples) - desirable)
+
+    def check_balance(self, desirable: int, undesirable: int) -> None:
+        if not desirable or not undesirable:
+            raise ValueError(
+                f"KTO needs desirable and undesirable examples; the training data has {desirable} and {undesirable}"
+            )
+        balance = self.desirable_weight * desirable / (self.undesirable_weight * undesirable)
+        low, high = BALANCE_RANGE
+        if not low <= balance <= high:
+            suggested = self.undesirable_weight * undesirable / desirable * (low + high) / 2
+            rank_zero_warn(
+                f"KTOModule: desirable_weight * {desirable} desirable / (undesirable_weight * {undesirable} "
+                f"undesirable) = {balance:.2f}, outside the range [1, 4/3] that KTO's paper recommends; "
+                f"desirable_weight={suggested:.3g} would bring it to {(low + high) / 2:.2f}"
+            )
+
+    def scoring_plan(self, model, batch: dict) -> ScoringPlan:
+        rows = {key: batch[key][:CHECKED_ROWS] for key in ("input_ids", "attention_mask", "labels")}
+        return self.scoring.plan(
+            model,
+            lambda plan: in_row_order(*plan_token_logps(model, rows, plan)),
+            batch["input_ids"].device,
+            sharded=self.weights_sharded,
+            packing=self.padding_free,
+        )
+
+    def kto_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Per example losses and rewards of a batch, and the batch's KL estimate."""
+        policy = response_logps(self.model, batch, plan=self.scoring_plan(self.model, batch))
+        with self.reference(self.model) as reference:
+            ref = response_logps(reference, batch, plan=self.scoring_plan(reference, batch))
+        (policy, policy_kl), (ref, ref_kl) = policy.chunk(2), ref.chunk(2)
+        kl = kto_kl(policy_kl, ref_kl)
+        losses, rewards = kto_loss(
+            policy, ref, batch["desirable"], kl, self.beta, self.desirable_weight, self.undesirable_weight
+        )
+        return {"losses": losses, "rewards": rewards, "kl": kl}
+
+    def training_step(self, batch, batch_idx):
+        out = self.kto_step(batch)
+        loss = out["losses"].mean()
+        desirable = batch["desirable"]
+        metrics = {"kl": out["kl"]}
+        if desirable.any():
+            metrics["rewards/desirable"] = out["rewards"][desirable].mean()
+        if (~desirable).any():
+            metrics["rewards/undesirable"] = out["rewards"][~desirable].mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(desirable))
+        self.log_dict(metrics, batch_size=len(desirable))
+        return self.finite_or_none(loss, batch_idx)
+
+    def on_validation_epoch_start(self) -> None:
+        for metric in (self.val_desirable, self.val_undesirable, self.val_loss):
+            metric.reset()
+
+    def validation_step(self, batch, batch_idx):
+        out = self.kto_step(batch)
+        desirable = batch["desirable"]
+        self.val_loss.update(out["losses"])
+        if desirable.any():
+            self.val_desirable.update(out["rewards"][desirable])
+        if (~desirable).any():
+            self.val_undesirable.update(out["rewards"][~desirable])
+
+    def on_validation_epoch_end(self) -> None:
+        desirable, undesirable = self.val_desirable.compute(), self.val_undesirable.compute()
+        self.log_dict(
+            {
+                "val/loss": self.val_loss.compute(),
+                "val/rewards/desirable": desirable,
+                "val/rewards/undesirable": undesirable,
+                "val/rewards/margins": desirable - undesirable,
+            },
+            prog_bar=True,
+        )

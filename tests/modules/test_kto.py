@@ -1,0 +1,66 @@
+"""KTOModule: the loss of a batch from its real and mismatched rows, the reference, the class-balance warning,
+and that it raises the held-out reward margin of desirable over undesirable answers, with each adapter."""
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_align import KTOModule, LoRA, QLoRA, UnpairedPreferenceDataModule
+from lightning_align.losses import kto_kl, kto_loss
+from lightning_align.modules.dpo import response_logps
+from tests.conftest import ready, trainer, write_jsonl
+
+
+def feedback_data(model_path, task_files, batch_size=16):
+    dm = UnpairedPreferenceDataModule(
+        model_path, task_files["preference_train"], task_files["preference_val"], batch_size=batch_size, max_length=64
+    )
+    dm.setup("fit")
+    return dm
+
+
+def test_a_batch_loss_uses_the_mismatched_rows_for_the_reference_point(sft_model, task_files, tmp_path):
+    dm = feedback_data(sft_model, task_files)
+    batch = dm.collate(dm.train_set[:8])
+    module = ready(KTOModule(sft_model, beta=0.2, desirable_weight=1.2), [LoRA(r=4)], tmp_path)
+    for p in module.model.parameters():  # an adapter away from zero: policy and reference differ
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    assert module.reference.kind == "adapter-disabled base"
+    with torch.no_grad():
+        out = module.kto_step(batch)
+        policy = response_logps(module.model.eval(), batch)
+        with module.model.disable_adapter():
+            ref = response_logps(module.model, batch)
+    kl = kto_kl(policy[8:], ref[8:])
+    expected, _ = kto_loss(policy[:8], ref[:8], batch["desirable"], kl, 0.2, 1.2, 1.0)
+    torch.testing.assert_close(out["kl"], kl, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["losses"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_class_balance_outside_the_papers_range_is_warned_with_the_weight_that_fixes_it(tiny_model, tmp_path):
+    rows = [{"prompt": "p\n", "completion": str(i), "label": i < 9} for i in range(12)]  # 9 desirable, 3 not
+    dm = UnpairedPreferenceDataModule(tiny_model, write_jsonl(tmp_path / "feedback.jsonl", rows), batch_size=4)
+    module = KTOModule(tiny_model)
+    with pytest.warns(UserWarning, match=r"= 3.00, outside the range \[1, 4/3\].*desirable_weight=0.389"):
+        trainer(tmp_path, max_steps=1).fit(module, datamodule=dm)
+    with pytest.raises(ValueError, match="needs desirable and undesirable examples"):
+        module.check_balance(4, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", [None, "lora", "qlora"])
+def test_kto_raises_the_heldout_reward_margin(adapter, sft_model, task_files, tmp_path):
+    L.seed_everything(0)
+    callbacks = {None: [], "lora": [LoRA(r=8)], "qlora": [QLoRA(r=8)]}[adapter]
+    module = KTOModule(sft_model, learning_rate=1e-4 if adapter is None else 3e-3, warmup_steps=10)
+    dm = feedback_data(sft_model, task_files, batch_size=8)
+    fit = trainer(tmp_path, max_steps=60, limit_val_batches=8, callbacks=callbacks)
+    fit.validate(module, datamodule=dm, verbose=False)
+    before = {k: fit.callback_metrics[f"val/{k}"].item() for k in ("loss", "rewards/margins")}
+    fit.fit(module, datamodule=dm)
+    fit.validate(module, datamodule=dm, verbose=False)
+    after = {k: fit.callback_metrics[f"val/{k}"].item() for k in ("loss", "rewards/margins")}
+    print(f"KTO ({adapter}): held-out {before} -> {after}")
+    assert before["rewards/margins"] == 0  # the policy starts as its reference
+    assert after["rewards/margins"] > 0.3 and after["loss"] < before["loss"] - 0.03
