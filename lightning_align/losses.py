@@ -372,6 +372,22 @@ def kto_kl(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
     return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
 
 
+def wpo_weights(token_logps: Tensor, token_log_sum_sq: Tensor, rows: Tensor, num_pairs: int) -> Tensor:
+    """WPO's pair weights (Zhou et al. 2024, "WPO", eq. 2 with sampled alignment): [pairs], detached.
+
+    Per response y: w(y) = exp((1/|y|) sum_t (log pi(y_t | x, y_<t) - log sum_v pi(v | x, y_<t)^2)): how likely the
+    policy itself is to produce y, normalised by how peaked its next-token distributions are; a pair weighs
+    w(y+) w(y-), so pairs far from the policy's own outputs count less. `token_logps`, `token_log_sum_sq` and
+    `rows` [K] per scored token (rows 0..P-1 chosen, P..2P-1 rejected).
+    """
+    rows = rows.to(token_logps.device)
+    totals = torch.zeros(2 * num_pairs, dtype=token_logps.dtype, device=token_logps.device)
+    totals = totals.index_add(0, rows, (token_logps - token_log_sum_sq).detach())
+    counts = torch.bincount(rows, minlength=2 * num_pairs).clamp(min=1)
+    chosen, rejected = torch.exp(totals / counts).chunk(2)
+    return chosen * rejected
+
+
 def length_desensitised_logps(token_logps: Tensor, rows: Tensor, num_pairs: int, alpha: float) -> tuple[Tensor, Tensor]:
     """LD-DPO's sequence log-probs (Liu et al. 2024, "LD-DPO", eq. 9): (chosen [pairs], rejected [pairs]).
 

@@ -186,3 +186,20 @@ def test_kto_loss_and_reference_point_match_the_written_out_formula_with_gradien
         up[i] += 1e-6
         down[i] -= 1e-6
         assert grad[i].item() == pytest.approx((sum(naive(up)) - sum(naive(down))) / 2e-6, rel=1e-5)
+
+
+def test_wpo_weights_are_the_product_of_each_responses_aligned_mean_probability():
+    from lightning_align.losses import wpo_weights
+
+    g = torch.Generator().manual_seed(6)
+    lengths = [3, 1, 2, 4]  # pairs (row 0, row 2) and (row 1, row 3)
+    rows = torch.tensor([r for r, n in enumerate(lengths) for _ in range(n)])
+    logps = -torch.rand(len(rows), generator=g, dtype=torch.float64) * 2
+    log_sum_sq = -torch.rand(len(rows), generator=g, dtype=torch.float64)
+    weights = wpo_weights(logps, log_sum_sq, rows, 2)
+    for pair in range(2):
+        product = 1.0
+        for row in (pair, pair + 2):
+            terms = [logps[i].item() - log_sum_sq[i].item() for i in range(len(rows)) if rows[i] == row]
+            product *= math.exp(sum(terms) / len(terms))
+        assert weights[pair].item() == pytest.approx(product)

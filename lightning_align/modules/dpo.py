@@ -17,6 +17,7 @@ from lightning_align.losses import (
     length_desensitised_logps,
     orpo_loss,
     simpo_loss,
+    wpo_weights,
 )
 from lightning_align.modules.base import AlignModule, ModelSource, in_row_order, plan_token_logps
 from lightning_align.modules.ref_cache import (
@@ -113,6 +114,9 @@ class DPOModule(AlignModule):
         ld_alpha: LD-DPO's length desensitisation (Liu et al. 2024): each pair's tokens beyond the shorter
             response's length count with this weight in both responses' log-probs, policy and reference
             (`losses.length_desensitised_logps`); None (default) counts every token in full.
+        use_weighting: WPO (Zhou et al. 2024): weigh each pair's loss by how likely the policy is to produce both
+            responses (`losses.wpo_weights`, detached). It needs every scored position's whole next-token
+            distribution, so it costs one more forward pass without gradients, through the full output layer.
         rpo_alpha: weight of an extra negative log-likelihood term on the chosen responses, as in RPO (Pang et al.
             2024, "Iterative Reasoning Preference Optimization"); it keeps the chosen responses' likelihood from
             falling while the margin grows. 0 is plain DPO. The NLL is each chosen response's mean over its
@@ -152,6 +156,7 @@ class DPOModule(AlignModule):
         simpo_gamma: float = 0.5,
         discopop_tau: float = 0.05,
         ld_alpha: float | None = None,
+        use_weighting: bool = False,
         rpo_alpha: float = 0.0,
         ref_model: str | None = None,
         precompute_ref_logps: bool = False,
@@ -176,6 +181,7 @@ class DPOModule(AlignModule):
         self.simpo_gamma = simpo_gamma
         self.discopop_tau = discopop_tau
         self.ld_alpha = ld_alpha
+        self.use_weighting = use_weighting
         # BCO's reward shift: the running mean of the implicit rewards seen in training (checkpointed).
         self.bco_rewards = {"sum": 0.0, "count": 0}
         self.rpo_alpha = rpo_alpha
@@ -299,6 +305,18 @@ class DPOModule(AlignModule):
                 return chosen_rejected_logps(reference, batch, plan=self.scoring_plan(reference, batch))
             return self.sequence_logps(reference, batch).chunk(2)
 
+    @torch.no_grad()
+    def pair_weights(self, batch: dict) -> torch.Tensor:
+        """WPO's weight of each pair, from the policy's next-token distributions at the scored positions."""
+        from lightning_align.modules.base import causal_lm_logits
+
+        labels = batch["labels"][:, 1:]
+        scored = labels != -100
+        log_probs = torch.log_softmax(causal_lm_logits(self.model, batch)[:, :-1][scored].float(), -1)
+        token_logps = log_probs.gather(-1, labels[scored][:, None]).squeeze(-1)
+        log_sum_sq = torch.logsumexp(2 * log_probs, -1)
+        return wpo_weights(token_logps, log_sum_sq, scored.nonzero()[:, 0], len(labels) // 2)
+
     @property
     def bco_delta(self) -> float:
         return self.bco_rewards["sum"] / max(self.bco_rewards["count"], 1)
@@ -339,6 +357,8 @@ class DPOModule(AlignModule):
             losses = losses + weight * result[0]
             if shown is None:
                 shown = (chosen.detach(), rejected.detach(), result[1], result[2])
+        if self.use_weighting:
+            losses = losses * self.pair_weights(batch)
         if self.rpo_alpha:
             losses = losses - self.rpo_alpha * means.chunk(2)[0]
         chosen, rejected, chosen_rewards, rejected_rewards = shown

@@ -321,3 +321,22 @@ def test_every_loss_type_trains(loss_type, tiny_model, task_files, tmp_path):
     fit.fit(module, datamodule=preference_data(tiny_model, task_files, batch_size=4))
     assert math.isfinite(fit.callback_metrics["train/loss"].item())
     assert (module.reference is None) == (loss_type == "simpo")
+
+
+def test_wpo_weighs_each_pairs_loss_by_the_policys_aligned_probability_of_both_responses(sft_model, task_files):
+    dm = preference_data(sft_model, task_files)
+    batch = dm.collate(dm.train_set[:4])
+    plain, weighted = moved_module(sft_model), moved_module(sft_model, use_weighting=True)
+    with torch.no_grad():
+        logits = weighted.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+        per_row = []
+        for b in range(8):
+            terms = []
+            for t in range(1, logits.shape[1]):
+                if batch["labels"][b, t] != -100:
+                    log_p = torch.log_softmax(logits[b, t - 1], -1)
+                    terms.append(log_p[batch["labels"][b, t]] - torch.log((log_p.exp() ** 2).sum()))
+            per_row.append(torch.exp(sum(terms) / len(terms)))
+        expected = plain.preference_step(batch)["loss"].double() * torch.stack(per_row[:4]) * torch.stack(per_row[4:])
+        got = weighted.preference_step(batch)["loss"]
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-7)

