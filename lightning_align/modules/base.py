@@ -453,6 +453,21 @@ def plan_token_logps(model, batch: dict, plan: ScoringPlan) -> tuple[torch.Tenso
     return logps, scored.nonzero()[:, 0]
 
 
+def batch_scoring_plan(scoring, model, batch: dict, sharded: bool, packing: bool) -> ScoringPlan:
+    """`scoring.plan` for a labelled batch (SFT-like, preference or unpaired): decided at the first batch, its
+    fast path checked on a few of that batch's rows against the model's own padded forward."""
+    from lightning_align.modules.scoring import CHECKED_ROWS
+
+    rows = {key: batch[key][:CHECKED_ROWS] for key in ("input_ids", "attention_mask", "labels")}
+    return scoring.plan(
+        model,
+        lambda plan: in_row_order(*plan_token_logps(model, rows, plan)),
+        batch["input_ids"].device,
+        sharded=sharded,
+        packing=packing,
+    )
+
+
 def in_row_order(logps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Per-token values sorted by batch row (stable, so each row's tokens stay in order): as a padded batch lists
     them, whichever layout scored them."""

@@ -19,7 +19,7 @@ from lightning_align.losses import (
     simpo_loss,
     wpo_weights,
 )
-from lightning_align.modules.base import AlignModule, ModelSource, in_row_order, plan_token_logps
+from lightning_align.modules.base import AlignModule, ModelSource, batch_scoring_plan, plan_token_logps
 from lightning_align.modules.ref_cache import (
     RefLogpsCache,
     examples_fingerprint,
@@ -28,7 +28,7 @@ from lightning_align.modules.ref_cache import (
     weights_fingerprint,
 )
 from lightning_align.modules.reference import Reference, frozen
-from lightning_align.modules.scoring import CHECKED_ROWS, SAFE_PLAN, Scoring, ScoringPlan
+from lightning_align.modules.scoring import SAFE_PLAN, Scoring, ScoringPlan
 
 PREFERENCE_METRICS = (
     "loss",
@@ -278,16 +278,9 @@ class DPOModule(AlignModule):
             "ld_alpha": str(self.ld_alpha),
         }
 
-    def scoring_plan(self, model: nn.Module, batch: dict) -> ScoringPlan:
+    def scoring_plan(self, model, batch: dict) -> ScoringPlan:
         """How `model` scores batches: decided (and checked on a few rows of this batch) at the first one."""
-        rows = {key: batch[key][:CHECKED_ROWS] for key in ("input_ids", "attention_mask", "labels")}
-        return self.scoring.plan(
-            model,
-            lambda plan: in_row_order(*plan_token_logps(model, rows, plan)),
-            batch["input_ids"].device,
-            sharded=self.weights_sharded,
-            packing=self.padding_free,
-        )
+        return batch_scoring_plan(self.scoring, model, batch, self.weights_sharded, self.padding_free)
 
     def sequence_logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """Each row's log-prob [2 * pairs] (with `ld_alpha`, length-desensitised within its pair)."""

@@ -7,10 +7,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lightning_align.losses import kto_kl, kto_loss
-from lightning_align.modules.base import AlignModule, ModelSource, in_row_order, plan_token_logps
+from lightning_align.modules.base import AlignModule, ModelSource, batch_scoring_plan
 from lightning_align.modules.dpo import response_logps
 from lightning_align.modules.reference import Reference
-from lightning_align.modules.scoring import CHECKED_ROWS, Scoring, ScoringPlan
+from lightning_align.modules.scoring import Scoring, ScoringPlan
 
 # The paper's recommended range of lambda_D n_D / (lambda_U n_U) (section 4.2).
 BALANCE_RANGE = (1.0, 4 / 3)
@@ -89,14 +89,8 @@ class KTOModule(AlignModule):
             )
 
     def scoring_plan(self, model, batch: dict) -> ScoringPlan:
-        rows = {key: batch[key][:CHECKED_ROWS] for key in ("input_ids", "attention_mask", "labels")}
-        return self.scoring.plan(
-            model,
-            lambda plan: in_row_order(*plan_token_logps(model, rows, plan)),
-            batch["input_ids"].device,
-            sharded=self.weights_sharded,
-            packing=self.padding_free,
-        )
+        """How `model` scores batches: decided (and checked on a few rows of this batch) at the first one."""
+        return batch_scoring_plan(self.scoring, model, batch, self.weights_sharded, self.padding_free)
 
     def kto_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Per example losses and rewards of a batch, and the batch's KL estimate."""
