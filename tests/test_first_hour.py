@@ -67,7 +67,7 @@ def test_example_configs_clip_gradients_and_keep_a_last_checkpoint():
         settings = yaml.safe_load(config.read_text())
         callbacks = [c["class_path"] for c in settings["trainer"]["callbacks"]]
         assert "lightning_align.LastCheckpoint" in callbacks, config.name
-        if config.stem.startswith("ppo"):  # manual optimisation: PPO clips with its own max_grad_norm
+        if config.stem.startswith(("ppo", "grpo")):  # manual optimisation: they clip with their own max_grad_norm
             assert "gradient_clip_val" not in settings["trainer"], config.name
         else:
             assert settings["trainer"]["gradient_clip_val"] == 1.0, config.name
