@@ -11,19 +11,46 @@ from lightning_align.data.sources import DataError, DataSource, Row
 from lightning_align.data.tokenize import Truncation, encode_segments, truncate
 
 
+def mismatched_partner(examples: list[dict], i: int) -> dict:
+    """The next example after i (wrapping round) from another source row: a pair split into two examples shares
+    one prompt, so its other half would not be a mismatch."""
+    for step in range(1, len(examples)):
+        other = examples[(i + step) % len(examples)]
+        if other["row"] != examples[i]["row"]:
+            return other
+    return examples[(i + 1) % len(examples)]
+
+
+def fix_kl_completions(examples: list[dict]) -> None:
+    """Give each example a fixed mismatched completion (its partner's in this list's order), so the reference
+    log-probs of its KL row can be computed once, before training; the collate uses it instead of the batch's."""
+    for i, e in enumerate(examples):
+        other = mismatched_partner(examples, i)
+        start = other["prompt_length"]
+        e["kl_completion"] = (other["input_ids"][start:], other["labels"][start:])
+
+
 def unpaired_collate(examples: list[dict], pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
-    """One padded batch of 2B rows: the B examples, then B mismatched ones (prompt i with the completion of example
-    i + 1), whose log-ratios estimate KTO's KL reference point; `desirable` [B] marks the batch as unpaired."""
+    """One padded batch of 2B rows: the B examples, then B mismatched ones (prompt i with the completion of the next
+    example from another row, or its fixed `kl_completion`), whose log-ratios estimate KTO's KL reference point;
+    `desirable` [B] marks the batch as unpaired. Precomputed `ref_logps` / `ref_kl_logps` come along when every
+    example has them."""
     rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
     for i, e in enumerate(examples):
-        other = examples[(i + 1) % len(examples)]
-        completion = other["input_ids"][other["prompt_length"] :]
-        completion_labels = other["labels"][other["prompt_length"] :]
+        if "kl_completion" in e:
+            completion, completion_labels = e["kl_completion"]
+        else:
+            other = mismatched_partner(examples, i)
+            completion = other["input_ids"][other["prompt_length"] :]
+            completion_labels = other["labels"][other["prompt_length"] :]
         prompt = e["input_ids"][: e["prompt_length"]][-max(1, max_length - len(completion)) :]
         rows.append({"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion_labels})
     batch = pad_collate(rows, pad_token_id)
     batch["desirable"] = torch.tensor([e["desirable"] for e in examples])
     batch["row"] = torch.tensor([e["row"] for e in examples])
+    for field in ("ref_logps", "ref_kl_logps"):
+        if all(field in e for e in examples):
+            batch[field] = torch.tensor([e[field] for e in examples])
     return batch
 
 

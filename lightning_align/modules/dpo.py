@@ -24,6 +24,7 @@ from lightning_align.modules.ref_cache import (
     RefLogpsCache,
     examples_fingerprint,
     reference_weights,
+    scored_examples,
     tokenizer_fingerprint,
     weights_fingerprint,
 )
@@ -244,26 +245,13 @@ class DPOModule(AlignModule):
         self.reference = None  # released: every example now carries its reference log-probs
 
     def computed_ref_logps(self, datamodule, examples: list[dict]) -> torch.Tensor:
-        """[rows, 2] reference log-probs of (chosen, rejected). Each process scores its share of the rows and
-        all share the results, so the work is done once per process group."""
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        per_rank = -(-len(examples) // world)
-        mine = examples[rank * per_rank : (rank + 1) * per_rank]
-        # Equal shares (the last padded with repeats) keep every process in step under sharded strategies.
-        mine = mine + examples[: per_rank - len(mine)] if examples else []
-        scored = [torch.zeros(0, 2)]
-        for start in range(0, len(mine), datamodule.batch_size):
-            batch = self.transfer_batch_to_device(
-                datamodule.collate(mine[start : start + datamodule.batch_size]), self.device, 0
-            )
+        """[rows, 2] reference log-probs of (chosen, rejected)."""
+
+        def score(batch: dict) -> torch.Tensor:
             batch.pop("ref_chosen_logps", None), batch.pop("ref_rejected_logps", None)
-            with self.trainer.precision_plugin.forward_context():
-                chosen, rejected = self.reference_logps(batch)
-            scored.append(torch.stack([chosen, rejected], -1).float().cpu())
-        local = torch.cat(scored)
-        if world > 1:
-            local = self.trainer.strategy.all_gather(local.to(self.device)).cpu().reshape(-1, 2)
-        return local[: len(examples)]
+            return torch.stack(self.reference_logps(batch), -1)
+
+        return scored_examples(self, examples, datamodule.collate, datamodule.batch_size, score, width=2)
 
     def reference_fingerprint(self, datamodule) -> dict[str, str]:
         weights = reference_weights(self.model, self.reference)

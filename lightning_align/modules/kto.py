@@ -8,7 +8,9 @@ from torchmetrics import MeanMetric
 
 from lightning_align.losses import kto_kl, kto_loss
 from lightning_align.modules.base import AlignModule, ModelSource, batch_scoring_plan
+from lightning_align.data.unpaired import fix_kl_completions
 from lightning_align.modules.dpo import response_logps
+from lightning_align.modules.ref_cache import scored_examples
 from lightning_align.modules.reference import Reference
 from lightning_align.modules.scoring import Scoring, ScoringPlan
 
@@ -24,6 +26,9 @@ class KTOModule(AlignModule):
         desirable_weight, undesirable_weight: lambda_D and lambda_U. The paper recommends lambda_D n_D /
             (lambda_U n_U) in [1, 4/3] (n_D, n_U: the desirable and undesirable training examples); a run outside
             it is warned about at start, with the weight that would bring it in.
+        precompute_ref_logps: score the training and validation examples with the reference once before training
+            (each with a fixed mismatched completion for its KL row, as TRL does) and release the reference: one
+            forward fewer per step and no reference in memory.
         padding_free, scoring_check, disable_dropout: as `DPOModule`.
         Other arguments as `AlignModule`.
 
@@ -42,6 +47,7 @@ class KTOModule(AlignModule):
         beta: float = 0.1,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
+        precompute_ref_logps: bool = False,
         padding_free: bool = True,
         scoring_check: str = "fallback",
         disable_dropout: bool = True,
@@ -52,6 +58,7 @@ class KTOModule(AlignModule):
         super().__init__(model, **kwargs)
         self.beta = beta
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
+        self.precompute_ref_logps = precompute_ref_logps
         self.padding_free = padding_free
         self.scoring = Scoring(scoring_check)
         self.disable_dropout = disable_dropout
@@ -66,12 +73,39 @@ class KTOModule(AlignModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.reference.to(self.model)
-        rank_zero_info(f"KTOModule reference: {self.reference.kind}")
+        kind = self.reference.kind
         datamodule = getattr(self.trainer, "datamodule", None)
         examples = getattr(datamodule, "train_set", None) or []
         desirable = sum(e["desirable"] for e in examples)
         if examples:
             self.check_balance(desirable, len(examples) - desirable)
+        if self.precompute_ref_logps:
+            self.precompute_reference(datamodule)
+            kind = f"precomputed from the {kind}"
+        rank_zero_info(f"KTOModule reference: {kind}")
+
+    def precompute_reference(self, datamodule) -> None:
+        if getattr(datamodule, "train_set", None) is None:
+            raise ValueError("precompute_ref_logps=True needs an UnpairedPreferenceDataModule to write the log-probs into")
+
+        def score(batch: dict) -> torch.Tensor:
+            return torch.stack(self.reference_logps(batch), -1)
+
+        for examples in (datamodule.train_set, datamodule.val_set):
+            fix_kl_completions(examples)
+            for example in examples:
+                example.pop("ref_logps", None), example.pop("ref_kl_logps", None)
+            logps = scored_examples(self, examples, datamodule.collate, datamodule.batch_size, score, width=2)
+            for example, (ref, ref_kl) in zip(examples, logps.tolist()):
+                example["ref_logps"], example["ref_kl_logps"] = ref, ref_kl
+        self.reference = None  # released: every example now carries its reference log-probs
+
+    def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's log-probs of the batch's examples [B] and of their mismatched rows [B]."""
+        if "ref_logps" in batch:
+            return batch["ref_logps"], batch["ref_kl_logps"]
+        with self.reference(self.model) as reference:
+            return response_logps(reference, batch, plan=self.scoring_plan(reference, batch)).chunk(2)
 
     def check_balance(self, desirable: int, undesirable: int) -> None:
         if not desirable or not undesirable:
@@ -94,10 +128,8 @@ class KTOModule(AlignModule):
 
     def kto_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Per example losses and rewards of a batch, and the batch's KL estimate."""
-        policy = response_logps(self.model, batch, plan=self.scoring_plan(self.model, batch))
-        with self.reference(self.model) as reference:
-            ref = response_logps(reference, batch, plan=self.scoring_plan(reference, batch))
-        (policy, policy_kl), (ref, ref_kl) = policy.chunk(2), ref.chunk(2)
+        policy, policy_kl = response_logps(self.model, batch, plan=self.scoring_plan(self.model, batch)).chunk(2)
+        ref, ref_kl = self.reference_logps(batch)
         kl = kto_kl(policy_kl, ref_kl)
         losses, rewards = kto_loss(
             policy, ref, batch["desirable"], kl, self.beta, self.desirable_weight, self.undesirable_weight

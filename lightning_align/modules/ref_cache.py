@@ -14,6 +14,27 @@ from torch import nn
 CACHE_FILE = "ref_logps.pt"
 
 
+@torch.no_grad()
+def scored_examples(module, examples: list[dict], collate, batch_size: int, score, width: int) -> torch.Tensor:
+    """[rows, width]: `score(batch)` ([B, width]) of every example, in order. Each process scores its share of the rows
+    and all share the results, so the work is done once per process group."""
+    trainer = module.trainer
+    world, rank = trainer.world_size, trainer.global_rank
+    per_rank = -(-len(examples) // world)
+    mine = examples[rank * per_rank : (rank + 1) * per_rank]
+    # Equal shares (the last padded with repeats) keep every process in step under sharded strategies.
+    mine = mine + examples[: per_rank - len(mine)] if examples else []
+    scored = [torch.zeros(0, width)]
+    for start in range(0, len(mine), batch_size):
+        batch = module.transfer_batch_to_device(collate(mine[start : start + batch_size]), module.device, 0)
+        with trainer.precision_plugin.forward_context():
+            scored.append(score(batch).float().cpu())
+    local = torch.cat(scored)
+    if world > 1:
+        local = trainer.strategy.all_gather(local.to(module.device)).cpu().reshape(-1, width)
+    return local[: len(examples)]
+
+
 def examples_fingerprint(examples: list[dict]) -> str:
     """Hash of the tokenized pairs: changes with any row, the tokenizer, max_length or the truncation."""
     digest = hashlib.sha256()

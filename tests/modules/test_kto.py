@@ -38,6 +38,39 @@ def test_a_batch_loss_uses_the_mismatched_rows_for_the_reference_point(sft_model
     torch.testing.assert_close(out["losses"], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_mismatched_rows_take_a_completion_from_another_source_row(sft_model, task_files):
+    dm = feedback_data(sft_model, task_files)
+    examples = dm.train_set[:6]
+    assert examples[0]["row"] == examples[1]["row"]  # a preference pair split into two examples
+    batch = dm.collate(examples)
+    for i, e in enumerate(examples):
+        mismatched = batch["input_ids"][6 + i][batch["attention_mask"][6 + i].bool()].tolist()
+        assert mismatched[: e["prompt_length"]] == e["input_ids"][: e["prompt_length"]]
+        partner = examples[(i + 2 - i % 2) % 6]  # a chosen half (even i) skips its own pair's rejected half
+        assert mismatched[e["prompt_length"] :] == partner["input_ids"][partner["prompt_length"] :]
+
+
+def test_precomputed_reference_gives_the_same_loss_and_releases_the_network(sft_model, task_files, tmp_path):
+    dm = feedback_data(sft_model, task_files)
+    pre = KTOModule(sft_model, precompute_ref_logps=True, learning_rate=0.0)
+    trainer(tmp_path, max_steps=1).fit(pre, datamodule=dm)
+    assert pre.reference is None
+    assert all("ref_logps" in e and "kl_completion" in e for e in dm.train_set + dm.val_set)
+    live = ready(KTOModule(sft_model), [], tmp_path / "live")
+    torch.manual_seed(0)
+    for p in live.model.parameters():  # a policy away from the reference, so the loss is not its starting value
+        p.data.add_(0.01 * torch.randn_like(p))
+    pre.model.load_state_dict(live.model.state_dict())
+    batch = dm.collate(dm.train_set[3:11])  # fixed KL completions: the same rows as when they were scored
+    assert "ref_logps" in batch and "ref_kl_logps" in batch
+    with torch.no_grad():
+        precomputed = pre.kto_step(batch)
+        computed = live.kto_step({k: v for k, v in batch.items() if not k.startswith("ref_")})
+    torch.testing.assert_close(precomputed["kl"], computed["kl"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(precomputed["losses"], computed["losses"], rtol=1e-4, atol=1e-5)
+    assert computed["kl"] != 0
+
+
 def test_a_class_balance_outside_the_papers_range_is_warned_with_the_weight_that_fixes_it(tiny_model, tmp_path):
     rows = [{"prompt": "p\n", "completion": str(i), "label": i < 9} for i in range(12)]  # 9 desirable, 3 not
     dm = UnpairedPreferenceDataModule(tiny_model, write_jsonl(tmp_path / "feedback.jsonl", rows), batch_size=4)
