@@ -32,6 +32,7 @@ bench: $(VENV)/.bench
 	$(PY) -m benchmarks.compare --all
 	$(PY) -m benchmarks.compare --all --shape gqa
 	$(PY) -m benchmarks.compare --levers
+	$(PY) -m benchmarks.compare --objectives
 	$(PY) -m benchmarks.online
 
 test: $(VENV)/.dev

@@ -4,6 +4,7 @@
     python -m benchmarks.compare --all                          # every comparison, written to RESULTS.md
     python -m benchmarks.compare --all --shape gqa              # the same on a grouped-query, wider, deeper model
     python -m benchmarks.compare --levers                       # our step without each lever, into RESULTS.md
+    python -m benchmarks.compare --objectives                   # KTO and ORPO against TRL's trainers
 
 Needs the `bench` extra (`pip install -e .[bench]`, which adds TRL). Each framework runs in a process of its own,
 so its peak resident memory is its own. Model: a Llama-shaped model built from a config (32,000-token vocabulary;
@@ -73,6 +74,8 @@ COMBINATIONS = [
     ("dpo", "none"),
     ("dpo", "lora"),
 ]
+# The preference objectives beyond DPO, against TRL's KTOTrainer and its experimental ORPOTrainer.
+OBJECTIVES = [("kto", "none"), ("kto", "lora"), ("orpo", "none"), ("orpo", "lora")]
 
 
 # ----- the shared fixture ----------------------------------------------------------------------------------------
@@ -130,15 +133,32 @@ def build_fixture(folder: Path) -> Path:
     return folder
 
 
+def kto_rows(folder: Path) -> Path:
+    """The fixture's pairs as unpaired feedback: each pair gives a desirable and an undesirable row."""
+    path = folder / "kto_rows.jsonl"
+    if not path.exists():
+        with open(folder / "rows.jsonl") as rows, open(path, "w") as f:
+            for line in rows:
+                row = json.loads(line)
+                for answer, label in ((row["chosen"], True), (row["rejected"], False)):
+                    f.write(json.dumps({"prompt": row["prompt"], "completion": answer, "label": label}) + "\n")
+    return path
+
+
 def batch_tokens(batch: dict, scored_key: str | None) -> tuple[int, int]:
     """(real, scored) tokens of one batch as a framework fed it: non-padding tokens, and the positions its loss
-    scores (labels other than -100, or a completion mask)."""
-    mask = batch.get("attention_mask")
-    real = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-    if scored_key is None:
-        return real, 0
-    scored = batch[scored_key]
-    return real, int((scored != -100).sum() if scored_key == "labels" else scored.sum())
+    scores (labels other than -100, or a completion mask), summed over the batch's groups of rows (TRL's KTO
+    batches carry the mismatched rows under `KL_`, its ORPO batches the answers under `chosen_` / `rejected_`)."""
+    real = scored = 0
+    for prefix in ("", "KL_") if "input_ids" in batch else ("chosen_", "rejected_"):
+        if prefix + "input_ids" not in batch:
+            continue
+        mask = batch.get(prefix + "attention_mask")
+        real += int(mask.sum()) if mask is not None else batch[prefix + "input_ids"].numel()
+        if scored_key is not None:
+            marks = batch[prefix + scored_key]
+            scored += int((marks != -100).sum() if scored_key == "labels" else marks.sum())
+    return real, scored
 
 
 def matmul_peak_flops(seconds: float = 2.0, n: int = 2048) -> float:
@@ -187,6 +207,12 @@ def run_ours(folder: Path, method: str, peft: str, variant: str = "") -> list[tu
         packing = settings.pop("padding_free", True)
         data = la.SFTDataModule(model, rows, batch_size=BATCH, max_length=MAX_LENGTH, packing=packing)
         module = la.SFTModule(model, learning_rate=1e-5, **settings)
+    elif method == "kto":
+        data = la.UnpairedPreferenceDataModule(model, str(kto_rows(folder)), batch_size=BATCH, max_length=MAX_LENGTH)
+        module = la.KTOModule(model, learning_rate=1e-6, **settings)
+    elif method == "orpo":
+        data = la.PreferenceDataModule(model, rows, batch_size=BATCH, max_length=MAX_LENGTH)
+        module = la.ORPOModule(model, learning_rate=1e-6, **settings)
     else:
         data = la.PreferenceDataModule(model, rows, batch_size=BATCH, max_length=MAX_LENGTH)
         module = (
@@ -228,7 +254,8 @@ def run_trl(folder: Path, method: str, peft: str, variant: str = "") -> list[tup
 
     rows = datasets.load_dataset("json", data_files=str(folder / "rows.jsonl"), split="train")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    clock = StepClock({"sft": "labels", "reward": None, "dpo": "completion_mask"}[method])
+    scored_key = {"sft": "labels", "reward": None, "dpo": "completion_mask", "kto": "completion_mask"}
+    clock = StepClock(scored_key.get(method, "labels"))
 
     class Tick(TrainerCallback):
         def on_step_begin(self, *args, **kwargs):
@@ -279,6 +306,28 @@ def run_trl(folder: Path, method: str, peft: str, variant: str = "") -> list[tup
             peft_config=peft_config,
             callbacks=[Tick()],
         )
+    elif method == "kto":
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        trainer = trl.KTOTrainer(
+            model=model,
+            args=trl.KTOConfig(**common),
+            train_dataset=datasets.load_dataset("json", data_files=str(kto_rows(folder)), split="train"),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[Tick()],
+        )
+    elif method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        trainer = ORPOTrainer(
+            model=model,
+            args=ORPOConfig(**common),
+            train_dataset=rows.select_columns(["prompt", "chosen", "rejected"]),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[Tick()],
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(folder)
         trainer = trl.DPOTrainer(
@@ -308,6 +357,8 @@ def child(framework: str, method: str, peft: str, variant: str = "") -> dict:
     head = VOCAB * HIDDEN
     # Forward 2, input gradient 2, weight gradient 2 -- frozen LoRA base weights skip the last.
     passes = (4 if peft == "lora" else 6) + (2 if method == "dpo" else 0)  # DPO: the reference's forward
+    if method == "kto":  # half the rows trained, the mismatched half forward only, the reference over all rows
+        passes = (2 if peft == "lora" else 3) + 1 + 2
     return {
         "tokens_per_sec": statistics.median(real / seconds for seconds, real, _ in steps),
         "model_flops_per_sec": statistics.median(
@@ -499,7 +550,8 @@ def machine_line(peak: float, command: str, repeats: int) -> str:
         f"tokens/s (real tokens, not padding) and model FLOP/s; each run {repeats} times, in rounds over all "
         "runs, the fastest kept (a slow spell of the shared machine only ever slows a run).\n"
         "MFU = model FLOP/s / matmul peak; model FLOPs of a step = (6, or 4 under LoRA's frozen weights, "
-        "+ 2 for DPO's reference forward) x "
+        "+ 2 for DPO's reference forward; KTO: 3, or 2 under LoRA, for the half of its rows that trains, + 1 "
+        "for the mismatched half's no-grad forward, + 2 for the reference over both; ORPO: no reference) x "
         f"(N_body x real tokens + N_head x scored tokens), N_body = {body_parameters():,} (the blocks' "
         f"matrices), N_head = {VOCAB * HIDDEN:,} (output layer; no scored tokens for the reward model). Peak "
         "memory: the process's maximum resident set."
@@ -535,10 +587,11 @@ def write_section(title: str, text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=["sft", "reward", "dpo"], default="sft")
+    parser.add_argument("--method", choices=["sft", "reward", "dpo", "kto", "orpo"], default="sft")
     parser.add_argument("--peft", choices=["none", "lora"], default="none")
     parser.add_argument("--all", action="store_true", help="every comparison, written to benchmarks/RESULTS.md")
     parser.add_argument("--levers", action="store_true", help="our step without each lever, into RESULTS.md")
+    parser.add_argument("--objectives", action="store_true", help="KTO and ORPO against TRL, into RESULTS.md")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration; the fastest is kept")
     parser.add_argument("--shape", choices=list(SHAPES), default="llama", help="model and data shape (see SHAPES)")
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -557,14 +610,16 @@ def main() -> None:
         legend = "\n".join(f"- `{name}`: {what}" for name, what in (LEVERS | DPO_LEVERS | OPTIONS).items())
         write_section("Levers", f"{machine_line(peak, '--levers', args.repeats)}\n\n{legend}\n\n{text}")
         return
-    combinations = COMBINATIONS if args.all else [(args.method, args.peft)]
+    combinations = COMBINATIONS if args.all else OBJECTIVES if args.objectives else [(args.method, args.peft)]
     results = best_runs([(f, m, p, "") for m, p in combinations for f in ("ours", "trl")], args.repeats)
     rows = [compare(method, peft, peak, results) for method, peft in combinations]
-    command = ("--all" if args.all else f"--method {args.method} --peft {args.peft}") + f" --shape {SHAPE}"
-    text = table(rows, peak, args.repeats, command)
+    command = "--all" if args.all else "--objectives" if args.objectives else f"--method {args.method} --peft {args.peft}"
+    text = table(rows, peak, args.repeats, command + f" --shape {SHAPE}")
     print("\n" + text)
     if args.all:  # a single comparison is printed only
         write_section("Against TRL" + ("" if SHAPE == "llama" else f", {SHAPE} shape"), text)
+    elif args.objectives:
+        write_section("KTO and ORPO against TRL", text)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,13 @@ from lightning_align.modules.scoring import Scoring, ScoringPlan
 BALANCE_RANGE = (1.0, 4 / 3)
 
 
+def batch_halves(batch: dict) -> tuple[dict, dict]:
+    """The batch's B example rows and its B mismatched rows, as two batches."""
+    half = len(batch["input_ids"]) // 2
+    keys = ("input_ids", "attention_mask", "labels")
+    return tuple({key: batch[key][part] for key in keys} for part in (slice(None, half), slice(half, None)))
+
+
 class KTOModule(AlignModule):
     """KTO on `UnpairedPreferenceDataModule` batches.
 
@@ -33,8 +40,8 @@ class KTOModule(AlignModule):
         Other arguments as `AlignModule`.
 
     The reference is the adapter-disabled policy under LoRA / QLoRA, else a frozen copy of the starting policy.
-    Each batch also scores B mismatched prompt / answer rows (one forward with the real ones) to estimate the
-    KL reference point. Logs `train/loss`, `kl`, `rewards/desirable`, `rewards/undesirable`, `rewards/margins`
+    Each batch also scores B mismatched prompt / answer rows (without autograd: no gradient flows through it) to
+    estimate the KL reference point. Logs `train/loss`, `kl`, `rewards/desirable`, `rewards/undesirable`, `rewards/margins`
     (their difference) and the same with `val/`.
     """
 
@@ -128,7 +135,10 @@ class KTOModule(AlignModule):
 
     def kto_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Per example losses and rewards of a batch, and the batch's KL estimate."""
-        policy, policy_kl = response_logps(self.model, batch, plan=self.scoring_plan(self.model, batch)).chunk(2)
+        examples, mismatched = batch_halves(batch)
+        policy = response_logps(self.model, examples, plan=self.scoring_plan(self.model, examples))
+        with torch.no_grad():  # the reference point carries no gradient: no backward through these rows
+            policy_kl = response_logps(self.model, mismatched, plan=self.scoring_plan(self.model, mismatched))
         ref, ref_kl = self.reference_logps(batch)
         kl = kto_kl(policy_kl, ref_kl)
         losses, rewards = kto_loss(
