@@ -613,7 +613,9 @@ def main() -> None:
     combinations = COMBINATIONS if args.all else OBJECTIVES if args.objectives else [(args.method, args.peft)]
     results = best_runs([(f, m, p, "") for m, p in combinations for f in ("ours", "trl")], args.repeats)
     rows = [compare(method, peft, peak, results) for method, peft in combinations]
-    command = "--all" if args.all else "--objectives" if args.objectives else f"--method {args.method} --peft {args.peft}"
+    command = (
+        "--all" if args.all else "--objectives" if args.objectives else f"--method {args.method} --peft {args.peft}"
+    )
     text = table(rows, peak, args.repeats, command + f" --shape {SHAPE}")
     print("\n" + text)
     if args.all:  # a single comparison is printed only

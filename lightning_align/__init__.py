@@ -18,6 +18,7 @@ from lightning_align.callbacks import (  # noqa: E402
     GenerationSamples,
     LastCheckpoint,
     LoRA,
+    MemoryReport,
     QLoRA,
     StepProgressBar,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "GenerationSamples",
     "LastCheckpoint",
     "LoRA",
+    "MemoryReport",
     "ORPOModule",
     "PPOModule",
     "PreferenceDataModule",

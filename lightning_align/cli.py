@@ -1,4 +1,5 @@
 """`lightning-align fit --config x.yaml`: LightningCLI over the library's modules, data modules and callbacks.
+`lightning-align plan --config x.yaml`: the run's predicted peak memory per device (`lightning_align.plan`).
 
 Modules and data modules are chosen by `class_path` (any `AlignModule` / `AlignDataModule`, ours or a user's),
 callbacks and loggers as in any LightningCLI. Errors in what the user gave (a bad value, a missing file, an
@@ -15,6 +16,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from lightning_align.callbacks.memory import MemoryReport
 from lightning_align.callbacks.progress import StepProgressBar
 from lightning_align.data.base import AlignDataModule
 from lightning_align.data.sources import DataError
@@ -88,6 +90,9 @@ class AlignCLI(LightningCLI):
             isinstance(c, ProgressBar) for c in [*given, *callbacks]
         ):
             callbacks = [*callbacks, StepProgressBar()]
+        # Planned vs measured peak memory at the end of training, unless the config brings its own MemoryReport.
+        if not any(isinstance(c, MemoryReport) for c in [*given, *callbacks]):
+            callbacks = [*callbacks, MemoryReport()]
         return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
@@ -121,7 +126,12 @@ USER_ERRORS = (DataError, FileNotFoundError, ValueError)
 
 
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
     try:
+        if argv[:1] == ["plan"]:  # the memory planner: reads the same config, builds no weights
+            from lightning_align.plan import main as plan
+
+            return plan(argv[1:])
         AlignCLI(args)
     except USER_ERRORS as err:
         if os.environ.get("LIGHTNING_ALIGN_TRACEBACK"):

@@ -6,9 +6,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
+from lightning_align.data.unpaired import fix_kl_completions
 from lightning_align.losses import kto_kl, kto_loss
 from lightning_align.modules.base import AlignModule, ModelSource, batch_scoring_plan
-from lightning_align.data.unpaired import fix_kl_completions
 from lightning_align.modules.dpo import response_logps
 from lightning_align.modules.ref_cache import scored_examples
 from lightning_align.modules.reference import Reference
@@ -41,8 +41,8 @@ class KTOModule(AlignModule):
 
     The reference is the adapter-disabled policy under LoRA / QLoRA, else a frozen copy of the starting policy.
     Each batch also scores B mismatched prompt / answer rows (without autograd: no gradient flows through it) to
-    estimate the KL reference point. Logs `train/loss`, `kl`, `rewards/desirable`, `rewards/undesirable`, `rewards/margins`
-    (their difference) and the same with `val/`.
+    estimate the KL reference point. Logs `train/loss`, `kl`, `rewards/desirable`, `rewards/undesirable`,
+    `rewards/margins` (their difference) and the same with `val/`.
     """
 
     batch_kind = "unpaired"
@@ -93,7 +93,9 @@ class KTOModule(AlignModule):
 
     def precompute_reference(self, datamodule) -> None:
         if getattr(datamodule, "train_set", None) is None:
-            raise ValueError("precompute_ref_logps=True needs an UnpairedPreferenceDataModule to write the log-probs into")
+            raise ValueError(
+                "precompute_ref_logps=True needs an UnpairedPreferenceDataModule to write the log-probs into"
+            )
 
         def score(batch: dict) -> torch.Tensor:
             return torch.stack(self.reference_logps(batch), -1)

@@ -1,0 +1,216 @@
+"""The memory planner against measured peaks: each method x adapter on Llama-shaped models of three sizes.
+
+    python -m benchmarks.memory                 # every row, written to benchmarks/MEMORY.md
+    python -m benchmarks.memory --sizes 20M     # the smallest size only (a quick check)
+
+Each row runs in a process of its own: a few training steps of the real module through `Trainer.fit`, with
+`MemoryReport` measuring. On a CPU the measure is the peak resident memory above the process's baseline (what it
+held just before the fit: libraries imported, data tokenised), which the table shows, with glibc told to return
+freed blocks at once (`CHILD_ENV`); on a GPU
+`torch.cuda.max_memory_allocated`, and the table goes to MEMORY-GPU.md. Every row of the data is exactly
+`max_length` tokens long (prompts of PPO: `max_length`, answers `max_new_tokens`), as the plan assumes.
+Target: |measured / planned - 1| <= 10% on every row; the worst row is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).parent
+VOCAB = 32_000
+# name: (hidden, layers, heads, intermediate)
+SIZES = {
+    "20M": (256, 4, 4, 1024),
+    "150M": (768, 12, 12, 2048),
+    "600M": (1536, 16, 16, 4096),
+}
+METHODS = ["sft", "reward", "dpo", "ppo"]
+ADAPTERS = ["none", "lora", "qlora"]
+BATCH, MAX_LENGTH, NEW_TOKENS, STEPS = 2, 128, 16, 2
+
+
+def build_fixture(folder: Path, size: str) -> Path:
+    """A random Llama-shaped model of `size`, a word-level tokenizer (one token per word) and rows that fill
+    max_length exactly."""
+    import random
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    if (folder / "sft.jsonl").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + [f"t{i}" for i in range(len(specials), VOCAB)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tokenizer.save_pretrained(folder)
+    hidden, layers, heads, intermediate = SIZES[size]
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=MAX_LENGTH + NEW_TOKENS,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    rng = random.Random(0)
+
+    def words(n: int) -> str:
+        return " ".join(f"t{rng.randrange(4, VOCAB)}" for _ in range(n))
+
+    half = (MAX_LENGTH - 2) // 2  # BOS + prompt + answer + EOS = max_length
+    rows = 16 * BATCH
+    with open(folder / "sft.jsonl", "w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"prompt": words(half), "completion": words(MAX_LENGTH - 2 - half)}) + "\n")
+    with open(folder / "pairs.jsonl", "w") as f:
+        for _ in range(rows):
+            answer = MAX_LENGTH - 2 - half
+            f.write(json.dumps({"prompt": words(half), "chosen": words(answer), "rejected": words(answer)}) + "\n")
+    with open(folder / "prompts.jsonl", "w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"prompt": words(MAX_LENGTH - 1)}) + "\n")
+    return folder
+
+
+def constant_reward(completions, **_):
+    return [0.0 for _ in completions]
+
+
+def child(size: str, method: str, adapter: str) -> dict:
+    """One row in this process: fit a few steps with MemoryReport; its plan and measure."""
+    import bitsandbytes  # noqa: F401  (imported before the baseline: a library's pages are not the run's memory)
+    import lightning as L
+    import peft  # noqa: F401
+    import torch
+
+    import lightning_align as la
+
+    torch.set_num_threads(2)
+    folder = build_fixture(ROOT / f".fixture-memory-{size}", size)
+    model = str(folder)
+    if method == "sft":
+        data = la.SFTDataModule(model, str(folder / "sft.jsonl"), batch_size=BATCH, max_length=MAX_LENGTH)
+        module = la.SFTModule(model, learning_rate=1e-5)
+    elif method in ("reward", "dpo"):
+        data = la.PreferenceDataModule(model, str(folder / "pairs.jsonl"), batch_size=BATCH, max_length=MAX_LENGTH)
+        module = (la.RewardModule if method == "reward" else la.DPOModule)(model, learning_rate=1e-5)
+    else:
+        data = la.PromptDataModule(model, str(folder / "prompts.jsonl"), batch_size=BATCH, max_length=MAX_LENGTH)
+        module = la.PPOModule(
+            model,
+            reward=constant_reward,
+            max_new_tokens=NEW_TOKENS,
+            minibatch_size=BATCH,
+            ppo_epochs=1,
+            learning_rate=1e-5,
+        )
+    data.setup("fit")  # tokenised before the baseline
+    adapters = {"none": [], "lora": [la.LoRA(r=16, alpha=32)], "qlora": [la.QLoRA(r=16, alpha=32)]}
+    report = la.MemoryReport()
+    trainer = L.Trainer(
+        accelerator="auto",
+        devices=1,
+        max_steps=STEPS,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[report, *adapters[adapter]],
+        default_root_dir=str(folder / "out"),
+    )
+    trainer.fit(module, datamodule=data)
+    return {
+        "planned": report.plan.peak,
+        "parts": report.plan.parts,
+        "measured": report.measured(trainer),
+        "baseline": report.baseline,
+        "device": trainer.strategy.root_device.type,
+    }
+
+
+# glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so resident memory would also
+# count memory the run no longer holds; a fixed 64 KiB threshold returns every tensor's block when it is freed.
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def run_child(size: str, method: str, adapter: str) -> dict:
+    command = [sys.executable, "-m", "benchmarks.memory", "--child", size, method, adapter]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | CHILD_ENV)
+    if done.returncode != 0:
+        raise RuntimeError(f"{size} {method} {adapter} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    parser.add_argument("--adapters", nargs="+", choices=ADAPTERS, default=ADAPTERS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return
+    rows, device = [], "cpu"
+    for size in args.sizes:
+        for method in args.methods:
+            for adapter in args.adapters:
+                result = run_child(size, method, adapter)
+                device = result["device"]
+                error = result["measured"] / result["planned"] - 1
+                rows.append((size, method, adapter, result, error))
+                print(
+                    f"{size} {method} {adapter}: planned {result['planned'] / 2**20:.0f} MiB, measured "
+                    f"{result['measured'] / 2**20:.0f} MiB ({error:+.1%})",
+                    flush=True,
+                )
+    lines = [
+        f"Measured by `python -m benchmarks.memory` on {date.today()} ({device}): micro-batch {BATCH}, rows of "
+        f"{MAX_LENGTH} tokens (PPO: + {NEW_TOKENS} generated), {STEPS} steps, fp32 weights (QLoRA: NF4 body, "
+        "bfloat16 compute). Measured: "
+        + (
+            "max_memory_allocated."
+            if device == "cuda"
+            else "peak resident memory above the baseline (the process just before `fit`: libraries, data)."
+        ),
+        "",
+        "| size | method | adapter | planned MiB | measured MiB | error | baseline MiB |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for size, method, adapter, result, error in rows:
+        lines.append(
+            f"| {size} | {method} | {adapter} | {result['planned'] / 2**20:.0f} | {result['measured'] / 2**20:.0f} "
+            f"| {error:+.1%} | {result['baseline'] / 2**20:.0f} |"
+        )
+    worst = max(rows, key=lambda row: abs(row[4]))
+    lines += ["", f"Worst row: {worst[0]} {worst[1]} {worst[2]}, {worst[4]:+.1%}."]
+    text = "\n".join(lines)
+    (ROOT / ("MEMORY-GPU.md" if device == "cuda" else "MEMORY.md")).write_text(
+        "# Memory plan against measured peaks\n\n" + text + "\n"
+    )
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

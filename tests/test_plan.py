@@ -1,0 +1,249 @@
+"""The memory planner: each part of its breakdown against arithmetic done here, the depth shortcut against the full
+build, the CLI on the example configs and on published 7B / 70B configurations, and the end-of-training report."""
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_align import plan as planner
+from lightning_align.plan import RunSpec, nf4_bytes, parse_bytes, plan_run, spec_from_config
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CONFIGS = Path(__file__).parent.parent / "examples" / "configs"
+
+
+@pytest.fixture(scope="module")
+def llama_config(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("plan-llama")
+    LlamaConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4
+    ).save_pretrained(folder)
+    return str(folder)
+
+
+def parameter_count(config_folder: str) -> tuple[int, int, int]:
+    """(parameters, parameter tensors, buffer bytes) of the model, built for real here."""
+    model = LlamaForCausalLM(LlamaConfig.from_pretrained(config_folder))
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return sum(p.numel() for p in model.parameters()), len(list(model.parameters())), buffers
+
+
+def test_full_training_holds_weights_gradients_and_two_adamw_moments(llama_config):
+    n, tensors, buffers = parameter_count(llama_config)
+    plan = plan_run(RunSpec(llama_config, method="sft", micro_batch=2, max_length=32))
+    assert plan.total_params == plan.trainable_params == n
+    assert plan.parts["weights"] == 4 * n + buffers  # the rotary frequencies are a buffer
+    assert plan.parts["gradients"] == 4 * n
+    # exp_avg and exp_avg_sq per weight, and fused AdamW's step count: one float32 per tensor.
+    assert plan.parts["optimizer states (AdamW)"] == 8 * n + 4 * tensors
+    assert plan.parts["activations"] > 0
+
+
+def test_bf16_weights_halve_the_weights_gradients_and_states(llama_config):
+    fp32 = plan_run(RunSpec(llama_config, method="sft", micro_batch=2, max_length=32))
+    bf16 = plan_run(RunSpec(llama_config, method="sft", micro_batch=2, max_length=32, precision="bf16-true"))
+    _, _, buffers = parameter_count(llama_config)
+    assert (bf16.parts["weights"] - buffers) * 2 == fp32.parts["weights"] - buffers  # buffers stay float32
+    assert bf16.parts["gradients"] * 2 == fp32.parts["gradients"]
+    assert bf16.weights_by_dtype == {"bfloat16": (fp32.parts["weights"] - buffers) // 2}
+
+
+def test_lora_trains_and_keeps_states_for_the_adapter_only(llama_config):
+    n, _, _ = parameter_count(llama_config)
+    plan = plan_run(RunSpec(llama_config, method="dpo", adapter="lora", r=4, micro_batch=2, max_length=32))
+    # Every linear layer of the blocks gets A [r, in] and B [out, r]: q, k, v, o (64 -> 64), gate, up (64 -> 128),
+    # down (128 -> 64), in each of 6 layers.
+    adapter = 6 * 4 * (4 * (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    assert plan.trainable_params == adapter and plan.total_params == n + adapter
+    assert plan.parts["gradients"] in (0, 4 * adapter)  # 0 where the peak is the first batch's check
+    assert "reference model (frozen copy)" not in plan.parts  # the adapter-disabled policy is the reference
+
+
+def test_nf4_bytes_are_what_bitsandbytes_stores():
+    import bitsandbytes as bnb
+
+    for shape, double_quant in [((256, 192), True), ((256, 192), False), ((1000, 64), True)]:
+        weight = torch.randn(shape, dtype=torch.bfloat16)
+        packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=double_quant)
+        stored = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+        if double_quant:
+            stored += state.state2.absmax.numel() * state.state2.absmax.element_size()
+        assert nf4_bytes(weight.numel(), double_quant) == stored
+
+
+def test_qlora_counts_the_body_in_nf4_and_the_rest_in_float32(llama_config):
+    plan = plan_run(RunSpec(llama_config, method="sft", adapter="qlora", r=4, micro_batch=2, max_length=32))
+    body = 6 * (4 * 64 * 64 + 3 * 64 * 128)
+    assert plan.weights_by_dtype["nf4 (double quant)"] == sum(
+        nf4_bytes(n, True) for n in [64 * 64] * 24 + [64 * 128] * 18
+    )
+    n, _, _ = parameter_count(llama_config)
+    adapter = plan.trainable_params
+    assert plan.weights_by_dtype["float32"] == 4 * (n - body + adapter)
+
+
+def test_checkpointing_shrinks_activations_and_the_batch_grows_them(llama_config):
+    spec = RunSpec(llama_config, method="sft", micro_batch=4, max_length=128, scoring_check="off")
+    plain = plan_run(spec).parts["activations"]
+    checkpointed = plan_run(dataclasses.replace(spec, gradient_checkpointing=True)).parts["activations (checkpointed)"]
+    doubled = plan_run(dataclasses.replace(spec, micro_batch=8)).parts["activations"]
+    assert checkpointed < 0.6 * plain
+    assert 1.6 * plain < doubled < 2.2 * plain
+
+
+def test_a_full_dpo_reference_is_a_frozen_copy_unless_precomputed(llama_config):
+    n, _, _ = parameter_count(llama_config)
+    spec = RunSpec(llama_config, method="dpo", micro_batch=2, max_length=32)
+    assert plan_run(spec).parts["reference model (frozen copy)"] == 4 * n
+    assert "reference model (frozen copy)" not in plan_run(dataclasses.replace(spec, precompute_ref_logps=True)).parts
+    assert "reference model (frozen copy)" not in plan_run(dataclasses.replace(spec, uses_reference=False)).parts
+
+
+def test_sharding_divides_what_each_strategy_shards(llama_config):
+    spec = RunSpec(llama_config, method="sft", micro_batch=2, max_length=32, scoring_check="off")
+    one = plan_run(spec).parts
+    fsdp = plan_run(dataclasses.replace(spec, strategy="fsdp", devices=4)).parts
+    zero2 = plan_run(dataclasses.replace(spec, strategy="deepspeed_stage_2", devices=4)).parts
+    ddp = plan_run(dataclasses.replace(spec, strategy="ddp", devices=4)).parts
+    for part in ("gradients", "optimizer states (AdamW)"):
+        assert fsdp[part] == one[part] // 4 and zero2[part] == one[part] // 4
+    assert fsdp["weights"] == one["weights"] // 4 and zero2["weights"] == one["weights"]
+    assert ddp["weights"] == one["weights"] and ddp["DDP gradient buckets"] == one["gradients"]
+
+
+def test_the_depth_shortcut_equals_building_every_layer(llama_config, monkeypatch):
+    for spec in [
+        RunSpec(llama_config, method="sft", micro_batch=2, max_length=64),
+        RunSpec(llama_config, method="dpo", adapter="lora", micro_batch=2, max_length=64, gradient_checkpointing=True),
+        RunSpec(llama_config, method="kto", adapter="qlora", micro_batch=2, max_length=64),
+        RunSpec(llama_config, method="reward", adapter="lora", micro_batch=2, max_length=64, precision="bf16-mixed"),
+    ]:
+        shortcut = plan_run(spec)
+        assert any("measured at 2, 3, 4 layers" in note for note in shortcut.notes)
+        monkeypatch.setattr(planner, "SHALLOW_DEPTHS", (10, 11, 12))  # deeper than the model: every layer is built
+        full = plan_run(spec)
+        monkeypatch.undo()
+        assert shortcut.parts == full.parts and shortcut.total_params == full.total_params
+
+
+def test_layers_of_different_kinds_are_built_in_full(llama_config):
+    config = LlamaConfig.from_pretrained(llama_config)
+    assert planner.uniform_layers(config)
+    config.layer_types = ["sliding_attention", "full_attention"] * 3
+    assert not planner.uniform_layers(config)
+
+
+def test_spec_from_the_example_configs():
+    spec = spec_from_config(CONFIGS / "dpo_qlora.yaml")
+    assert (spec.method, spec.adapter, spec.r, spec.micro_batch, spec.max_length) == ("dpo", "qlora", 8, 16, 64)
+    assert spec.uses_reference and spec.double_quant and spec.compute_dtype == "bfloat16"
+    assert not spec_from_config(CONFIGS / "orpo_full.yaml").uses_reference
+    grpo = spec_from_config(CONFIGS / "grpo_lora.yaml")
+    assert grpo.method == "grpo" and grpo.adapter == "lora"
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        plan_run(spec_from_config(CONFIGS / "sft_full.yaml", model=str(CONFIGS)))
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GiB") == 24 * 2**30
+    assert parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("24G") == 24 * 2**30
+    with pytest.raises(ValueError, match="expected a size"):
+        parse_bytes("lots")
+
+
+def test_cli_plans_the_example_config_and_the_published_7b_and_70b(capsys):
+    from lightning_align.cli import main
+
+    main(["plan", "--config", str(CONFIGS / "dpo_qlora.yaml"), "--device-memory", "24GiB"])
+    out = capsys.readouterr().out
+    assert "plan for dpo, qlora r=8" in out and "optimizer states (AdamW)" in out and "fits a 24.00 GiB device" in out
+    main(
+        [
+            "plan",
+            "--config",
+            str(CONFIGS / "sft_full.yaml"),
+            "--model",
+            str(FIXTURES / "llama-2-7b"),
+            "--max-length",
+            "512",
+            "--micro-batch",
+            "1",
+            "--precision",
+            "bf16-true",
+            "--device-memory",
+            "24GiB",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "parameters: 6,738,415,616" in out  # Llama-2-7B's published count
+    assert "does NOT fit a 24.00 GiB device" in out and "cheapest change that fits: " in out
+    main(
+        [
+            "plan",
+            "--config",
+            str(CONFIGS / "sft_qlora.yaml"),
+            "--model",
+            str(FIXTURES / "llama-2-70b" / "config.json"),
+            "--max-length",
+            "512",
+            "--micro-batch",
+            "1",
+            "--gradient-checkpointing",
+            "--device-memory",
+            "80GB",
+        ]
+    )
+    out = capsys.readouterr().out
+    total, trainable = (
+        int(n.replace(",", "")) for n in re.search(r"parameters: ([\d,]+) \(([\d,]+) trainable", out).groups()
+    )
+    assert total - trainable == 68_976_648_192  # Llama-2-70B's published count, plus the adapter
+    assert "fits a 74.51 GiB device" in out
+
+
+def test_cheapest_change_is_one_that_fits(llama_config):
+    spec = RunSpec(llama_config, method="sft", micro_batch=8, max_length=256)
+    needed = plan_run(spec).device_total()
+    found = planner.cheapest_fit(spec, needed - 1)
+    assert found is not None
+    what, fitting = found
+    assert fitting.device_total() <= needed - 1 and what
+
+
+def test_memory_report_logs_the_plan_next_to_the_measured_peak(tiny_model, task_files, tmp_path):
+    import lightning as L
+
+    from lightning_align import LoRA, MemoryReport, SFTDataModule, SFTModule
+
+    class Metrics(L.pytorch.loggers.logger.DummyLogger):
+        def __init__(self):
+            super().__init__()
+            self.logged = {}
+
+        def log_metrics(self, metrics, step=None):
+            self.logged.update(metrics)
+
+    logger, report = Metrics(), MemoryReport()
+    dm = SFTDataModule(tiny_model, task_files["sft_train"], batch_size=4, max_length=48)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=logger,
+        callbacks=[report, LoRA(r=4)],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(SFTModule(tiny_model), datamodule=dm)
+    spec = report.plan.spec
+    assert (spec.method, spec.adapter, spec.r, spec.micro_batch, spec.max_length) == ("sft", "lora", 4, 4, 48)
+    assert logger.logged["memory/planned_gib"] == pytest.approx(report.plan.peak / 2**30)
+    assert logger.logged["memory/measured_gib"] > 0
+    assert math.isfinite(logger.logged["memory/measured_gib"])
