@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch is pinned first, so no dependency pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench gpu-check lint clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: $(VENV)/.bench
 	$(PY) -m benchmarks.compare --levers
 	$(PY) -m benchmarks.compare --objectives
 	$(PY) -m benchmarks.online
+
+# On a GPU machine (with a CUDA build of torch in .venv); says it skipped and exits 0 without CUDA.
+gpu-check: $(VENV)/.bench
+	$(PY) -m benchmarks.gpu_check
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check lightning_align tests examples benchmarks

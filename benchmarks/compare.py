@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -49,6 +50,7 @@ SHAPE = "llama"
 VOCAB, ROWS = 32_000, 96
 HIDDEN, LAYERS, HEADS, KV_HEADS, BATCH, MAX_LENGTH = 256, 4, 4, 4, 8, 512
 WARMUP_STEPS, TIMED_STEPS = 2, 8
+DEVICE = os.environ.get("BENCH_DEVICE", "cpu")  # "cuda": both frameworks on the GPU, bf16 (benchmarks.gpu_check)
 
 
 def use_shape(name: str) -> None:
@@ -233,7 +235,8 @@ def run_ours(folder: Path, method: str, peft: str, variant: str = "") -> list[tu
 
     callbacks = [Tick()] + ([la.LoRA(r=16, alpha=32)] if peft == "lora" else [])
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=DEVICE,
+        precision="bf16-mixed" if DEVICE == "cuda" else "32-true",
         max_steps=WARMUP_STEPS + TIMED_STEPS,
         logger=False,
         enable_progress_bar=False,
@@ -273,7 +276,8 @@ def run_trl(folder: Path, method: str, peft: str, variant: str = "") -> list[tup
         report_to="none",
         save_strategy="no",
         logging_steps=1000,
-        use_cpu=True,
+        use_cpu=DEVICE == "cpu",
+        bf16=DEVICE == "cuda",
         learning_rate=1e-5,
         seed=0,
     )

@@ -8,7 +8,8 @@ Each row runs in a process of its own: a few training steps of the real module t
 held just before the fit: libraries imported, data tokenised), which the table shows, with glibc told to return
 freed blocks at once (`CHILD_ENV`); on a GPU
 `torch.cuda.max_memory_allocated`, and the table goes to MEMORY-GPU.md. Every row of the data is exactly
-`max_length` tokens long (prompts of PPO: `max_length`, answers `max_new_tokens`), as the plan assumes.
+`max_length` tokens long (prompts of PPO: `max_length`, answers `max_new_tokens`), as the plan assumes. QLoRA
+rows quantise a bfloat16 checkpoint (see `build_fixture`).
 Target: |measured / planned - 1| <= 10% on every row; the worst row is printed last.
 """
 
@@ -30,6 +31,8 @@ SIZES = {
     "150M": (768, 12, 12, 2048),
     "600M": (1536, 16, 16, 4096),
 }
+WARM_UP = "warm-up"
+SIZES[WARM_UP] = (64, 2, 4, 128)
 METHODS = ["sft", "reward", "dpo", "ppo"]
 ADAPTERS = ["none", "lora", "qlora"]
 BATCH, MAX_LENGTH, NEW_TOKENS, STEPS = 2, 128, 16, 2
@@ -44,7 +47,7 @@ def build_fixture(folder: Path, size: str) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    if (folder / "sft.jsonl").exists():
+    if (folder / "bf16" / "config.json").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -70,7 +73,13 @@ def build_fixture(folder: Path, size: str) -> Path:
         pad_token_id=0,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    # QLoRA rows load a bfloat16 copy, as published checkpoints are: from a float32 file a CPU keeps the float32
+    # tensors (embeddings, output layer) as views of the mapped file, and with them every page of it read while
+    # quantising (reclaimable page cache, but resident: +68% at 150M).
+    model.to(torch.bfloat16).save_pretrained(folder / "bf16")
+    tokenizer.save_pretrained(folder / "bf16")
     rng = random.Random(0)
 
     def words(n: int) -> str:
@@ -91,22 +100,31 @@ def build_fixture(folder: Path, size: str) -> Path:
     return folder
 
 
-def constant_reward(completions, **_):
+def constant_reward(prompts, completions):
     return [0.0 for _ in completions]
 
 
 def child(size: str, method: str, adapter: str) -> dict:
-    """One row in this process: fit a few steps with MemoryReport; its plan and measure."""
-    import bitsandbytes  # noqa: F401  (imported before the baseline: a library's pages are not the run's memory)
-    import lightning as L
-    import peft  # noqa: F401
+    """One row in this process: the same run on a tiny model first (so the libraries' code that training runs is
+    paged in before the baseline: a library's pages are not the run's memory), then the row's run, a few steps
+    with MemoryReport; its plan and measure."""
+    import gc
+
     import torch
+
+    torch.set_num_threads(2)
+    fit(WARM_UP, method, adapter, steps=1)
+    gc.collect()
+    return fit(size, method, adapter, STEPS)
+
+
+def fit(size: str, method: str, adapter: str, steps: int) -> dict:
+    import lightning as L
 
     import lightning_align as la
 
-    torch.set_num_threads(2)
     folder = build_fixture(ROOT / f".fixture-memory-{size}", size)
-    model = str(folder)
+    model = str(folder / "bf16" if adapter == "qlora" else folder)
     if method == "sft":
         data = la.SFTDataModule(model, str(folder / "sft.jsonl"), batch_size=BATCH, max_length=MAX_LENGTH)
         module = la.SFTModule(model, learning_rate=1e-5)
@@ -129,7 +147,7 @@ def child(size: str, method: str, adapter: str) -> dict:
     trainer = L.Trainer(
         accelerator="auto",
         devices=1,
-        max_steps=STEPS,
+        max_steps=steps,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -164,9 +182,11 @@ def run_child(size: str, method: str, adapter: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    sizes = [size for size in SIZES if size != WARM_UP]
+    parser.add_argument("--sizes", nargs="+", choices=sizes, default=sizes)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--adapters", nargs="+", choices=ADAPTERS, default=ADAPTERS)
+    parser.add_argument("--out", help="the table's file (default benchmarks/MEMORY.md, or MEMORY-GPU.md on a GPU)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -206,9 +226,8 @@ def main() -> None:
     worst = max(rows, key=lambda row: abs(row[4]))
     lines += ["", f"Worst row: {worst[0]} {worst[1]} {worst[2]}, {worst[4]:+.1%}."]
     text = "\n".join(lines)
-    (ROOT / ("MEMORY-GPU.md" if device == "cuda" else "MEMORY.md")).write_text(
-        "# Memory plan against measured peaks\n\n" + text + "\n"
-    )
+    out = Path(args.out) if args.out else ROOT / ("MEMORY-GPU.md" if device == "cuda" else "MEMORY.md")
+    out.write_text("# Memory plan against measured peaks\n\n" + text + "\n")
     print("\n" + text)
 
 

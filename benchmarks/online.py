@@ -63,11 +63,8 @@ def prompt_file(folder: Path) -> Path:
 
 
 def run_ours(folder: Path) -> list[dict]:
-    import lightning as L
+    from lightning_align import GRPOModule
 
-    from lightning_align import GRPOModule, PromptDataModule
-
-    steps = []
     module = GRPOModule(
         str(folder),
         rewards=token_parity_reward,
@@ -77,22 +74,37 @@ def run_ours(folder: Path) -> list[dict]:
         scoring_check="off",
     )
     module.sampling["min_new_tokens"] = NEW_TOKENS  # the same token count on both sides
-    started = [0.0]
+    steps = fit_timed(
+        folder,
+        module,
+        PROMPTS,
+        WARMUP_STEPS + TIMED_STEPS,
+        lambda stats: (stats["time/generate"] + stats["time/reward"], PROMPTS * GENERATIONS * NEW_TOKENS),
+    )
+    return steps[WARMUP_STEPS:]
+
+
+def fit_timed(folder: Path, module, prompts: int, max_steps: int, generation) -> list[dict]:
+    """Fit `module` on the benchmark prompts, timing each rollout batch: {"total", "generate", "tokens"} per batch,
+    `generation(stats)` giving (generation seconds, generated tokens) from the module's logged rollout."""
+    import lightning as L
+
+    from lightning_align import PromptDataModule
+
+    steps, started = [], [0.0]
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             started[0] = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            stats = pl_module.logged_rollout
-            total = time.perf_counter() - started[0]
-            generate = stats["time/generate"] + stats["time/reward"]
-            steps.append({"total": total, "generate": generate, "tokens": PROMPTS * GENERATIONS * NEW_TOKENS})
+            generate, tokens = generation(pl_module.logged_rollout)
+            steps.append({"total": time.perf_counter() - started[0], "generate": generate, "tokens": tokens})
 
     data = PromptDataModule(
         str(folder),
         str(prompt_file(folder)),
-        batch_size=PROMPTS,
+        batch_size=prompts,
         max_length=256,
         apply_chat_template=False,
         shuffle=False,
@@ -100,7 +112,7 @@ def run_ours(folder: Path) -> list[dict]:
     L.seed_everything(0)
     L.Trainer(
         accelerator="cpu",
-        max_steps=WARMUP_STEPS + TIMED_STEPS,
+        max_steps=max_steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -108,7 +120,7 @@ def run_ours(folder: Path) -> list[dict]:
         callbacks=[Timer()],
         limit_val_batches=0,
     ).fit(module, datamodule=data)
-    return steps[WARMUP_STEPS:]
+    return steps
 
 
 def run_trl(folder: Path) -> list[dict]:
@@ -204,9 +216,7 @@ def decode_bound(model, rows: int, new_tokens: int, repeats: int = 3) -> float:
 
 
 def run_ours_ppo(folder: Path) -> list[dict]:
-    import lightning as L
-
-    from lightning_align import PPOModule, PromptDataModule
+    from lightning_align import PPOModule
 
     reward = str(reward_folder(folder))
     module = PPOModule(
@@ -221,38 +231,13 @@ def run_ours_ppo(folder: Path) -> list[dict]:
         learning_rate=1e-6,
         scoring_check="off",
     )
-    steps, started = [], [0.0]
-
-    class Timer(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            started[0] = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            stats = pl_module.logged_rollout
-            tokens = stats["response_length"] * PPO_PROMPTS
-            steps.append(
-                {"total": time.perf_counter() - started[0], "generate": stats["time/generate"], "tokens": tokens}
-            )
-
-    data = PromptDataModule(
-        str(folder),
-        str(prompt_file(folder)),
-        batch_size=PPO_PROMPTS,
-        max_length=256,
-        apply_chat_template=False,
-        shuffle=False,
+    steps = fit_timed(
+        folder,
+        module,
+        PPO_PROMPTS,
+        (WARMUP_STEPS + TIMED_STEPS) * PPO_PROMPTS // PPO_MINIBATCH,
+        lambda stats: (stats["time/generate"], stats["response_length"] * PPO_PROMPTS),
     )
-    L.seed_everything(0)
-    L.Trainer(
-        accelerator="cpu",
-        max_steps=(WARMUP_STEPS + TIMED_STEPS) * PPO_PROMPTS // PPO_MINIBATCH,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Timer()],
-        limit_val_batches=0,
-    ).fit(module, datamodule=data)
     steps = steps[WARMUP_STEPS:]
     bound = decode_bound(module.model, PPO_PROMPTS, PPO_NEW_TOKENS)
     for step in steps:

@@ -362,13 +362,19 @@ def tracked(*external):
         yield tracker
 
 
-def check_forward(model: nn.Module, ids: torch.Tensor) -> None:
+def check_forward(model: nn.Module, ids: torch.Tensor, responses: int | None = None) -> None:
     """The scoring check's reference side (`scoring.checked_plan`): the model's own padded forward with full
-    logits, in float32, without autocast, no grad."""
+    logits, in float32, without autocast, no grad; scored at every position (`token_logps`), or as online RL's
+    `response_forward` scores the last `responses` positions."""
     from lightning_align.losses import token_logps
 
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
-        token_logps(model(input_ids=ids, use_cache=False).logits, ids)
+        logits = model(input_ids=ids, use_cache=False).logits
+        if responses is None:
+            token_logps(logits, ids)
+            return
+        sliced = logits[:, -responses - 1 : -1].float() / 1.0  # the temperature's division: a copy
+        torch.log_softmax(sliced, -1).gather(-1, ids[:, -responses:].unsqueeze(-1))
 
 
 class TrainingStep(nn.Module):
@@ -413,9 +419,10 @@ def measure_step(spec: RunSpec, config) -> dict[str, int]:
         # As `AlignModule.configure_optimizers`: fused AdamW, but the foreach one under mixed precision.
         optimizer = torch.optim.AdamW(trainable, lr=1e-5, **({"foreach": True} if mixed else {"fused": True}))
         first_batch_check = {"total": 0}
-        if spec.scoring_check != "off" and spec.method not in ("reward", "ppo", "grpo") and not sharded:
+        if spec.scoring_check != "off" and spec.method != "reward" and not sharded:
             with tracked(model) as tracker:  # the first batch's check of the fast path: the model's own forward
-                check_forward(model, ids[:CHECKED_ROWS])
+                online = spec.max_new_tokens if spec.method in ("ppo", "grpo") else None
+                check_forward(model, ids[:CHECKED_ROWS], online)
             first_batch_check = category_bytes(tracker.get_tracker_snapshot("peak"))
         step(ids, mismatched).backward()  # a first step, untracked, creates the gradients and optimiser states
         optimizer.step()
@@ -507,14 +514,18 @@ def category_bytes(snapshot: dict) -> dict[str, int]:
 
 
 # ----- what the fake step cannot see ---------------------------------------------------------------------------
-def model_bytes(config, dtype: torch.dtype, qlora: bool = False, double_quant: bool = True) -> int:
-    """The weights of a frozen model of this config held beside the policy (reference copy, reward model), from
-    its meta build: no storage is made."""
-    from transformers import AutoModelForCausalLM
+def model_bytes(config, dtype: torch.dtype, scorer: bool = False) -> int:
+    """The weights of a model of this config held beside the policy (reference copy; with `scorer`, a reward
+    model or critic: a score head instead of the output layer), from its meta build: no storage is made."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.initialization import no_init_weights
 
+    if scorer:
+        config = copy.deepcopy(config)
+        config.num_labels = 1
     with torch.device("meta"), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        auto = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
+        model = auto.from_config(config, dtype=dtype)
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
@@ -580,11 +591,11 @@ def plan_run(spec: RunSpec) -> Plan:
         else:
             parts["reference model (frozen copy)"] = model_bytes(config, weight_dtype(spec))
     if spec.method == "ppo" and spec.critic:
-        critic = model_bytes(load_config(spec.critic), torch.float32)
+        critic = model_bytes(load_config(spec.critic), weight_dtype(dataclasses.replace(spec, adapter=None)), True)
         parts["critic (weights, gradients, AdamW)"] = 4 * critic  # weights + gradients + two AdamW moments
     if spec.method in ("ppo", "grpo"):
         if spec.reward_model:
-            parts["reward model"] = model_bytes(load_config(spec.reward_model), frozen_dtype)
+            parts["reward model"] = model_bytes(load_config(spec.reward_model), frozen_dtype, scorer=True)
         generation = kv_cache_bytes(spec, config, torch.bfloat16 if spec.precision.startswith("bf16") else frozen_dtype)
         notes.append(
             f"generation's KV cache ({gib(generation)}) is held while sampling, when no activations are: "

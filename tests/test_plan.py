@@ -247,3 +247,12 @@ def test_memory_report_logs_the_plan_next_to_the_measured_peak(tiny_model, task_
     assert logger.logged["memory/planned_gib"] == pytest.approx(report.plan.peak / 2**30)
     assert logger.logged["memory/measured_gib"] > 0
     assert math.isfinite(logger.logged["memory/measured_gib"])
+
+
+def test_gpu_check_says_it_skipped_without_cuda(monkeypatch, capsys):
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("sys.argv", ["gpu_check"])
+    gpu_check.main()
+    assert "no CUDA device visible to this torch build; skipped" in capsys.readouterr().out

@@ -52,12 +52,16 @@ class MemoryReport(L.Callback):
         if stage != "fit":
             return
         self.cuda = trainer.strategy.root_device.type == "cuda"
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
-        elif reset_resident_peak():
-            self.baseline = resident_bytes("VmRSS") or 0
+        if not self.cuda:
+            self.baseline = resident_bytes("VmRSS") or 0  # before the model is built
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        # From here: the model is built. Loading it may briefly hold more (a CPU maps the whole file in), which is
+        # host memory on a GPU and not the run's peak: the peak is counted from now.
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+        elif not reset_resident_peak():
+            self.baseline = 0
         if not self.plan_enabled:
             return
         from lightning_align.plan import plan_run, spec_from_run
