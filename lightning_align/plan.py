@@ -57,6 +57,11 @@ SHARDED = {
 # the caching allocator's slack between freed blocks, as a share of the peak.
 CUDA_CONTEXT_BYTES = 600 * MIB
 ALLOCATOR_SLACK = 0.05
+# cuBLAS's workspaces (CUBLAS_WORKSPACE_CONFIG's default, 8 x 4 MiB, through the caching allocator) and, with
+# several devices, NCCL's buffers (NCCL_BUFFSIZE 4 MiB, send and receive, up to 32 channels): estimates, since
+# neither library's allocations reach a fake run.
+CUBLAS_WORKSPACE_BYTES = 32 * MIB
+NCCL_BUFFER_BYTES = 256 * MIB
 # DDP copies the gradients into buckets for the all-reduce (Lightning's DDP keeps `gradient_as_bucket_view` off).
 DDP_BUCKET_COPY = 1.0
 
@@ -133,9 +138,14 @@ class Plan:
     def peak(self) -> int:
         return sum(self.parts.values())
 
+    @property
+    def cuda_overhead(self) -> int:
+        """What a CUDA device holds beyond the tensors: context, cuBLAS workspaces, NCCL buffers (several devices)."""
+        return CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES + (NCCL_BUFFER_BYTES if self.spec.devices > 1 else 0)
+
     def device_total(self, cuda: bool = True) -> int:
-        """The peak plus, on a CUDA device, the context and the allocator's slack: what the device must hold."""
-        return int(self.peak * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES) if cuda else self.peak
+        """The peak plus, on a CUDA device, the overheads above and the allocator's slack: what it must hold."""
+        return int(self.peak * (1 + ALLOCATOR_SLACK) + self.cuda_overhead) if cuda else self.peak
 
     def fits(self, device_memory: int) -> bool:
         return self.device_total() <= device_memory
@@ -152,7 +162,7 @@ class Plan:
         lines.append(f"  {'peak per device':<{width}}  {gib(self.peak):>10}")
         lines.append(
             f"  {'with CUDA context and slack':<{width}}  {gib(self.device_total()):>10}"
-            f"  (+{CUDA_CONTEXT_BYTES // MIB} MiB context, +{ALLOCATOR_SLACK:.0%} allocator slack)"
+            f"  (+{self.cuda_overhead // MIB} MiB context and library buffers, +{ALLOCATOR_SLACK:.0%} allocator slack)"
         )
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -529,6 +539,22 @@ def model_bytes(config, dtype: torch.dtype, scorer: bool = False) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def output_layer_note(spec: RunSpec, config) -> str:
+    """What the output layer holds on our path, against the full logits a plain forward would make."""
+    vocab = text_config(config).vocab_size
+    full = spec.rows * spec.sequence * vocab * 4
+    if spec.strategy.startswith(("fsdp", "deepspeed")):
+        return (
+            f"output layer: logits of the scored positions only (logits_to_keep, as sharded weights require); "
+            f"full float32 logits would be {gib(full)}"
+        )
+    chunk = max(1, 2**22 // vocab) * vocab * 4  # as losses.output_layer_logps
+    return (
+        f"output layer: chunked, {gib(chunk)} of logits at a time (counted in the activations); full "
+        f"[{spec.rows} x {spec.sequence} x {vocab}] float32 logits would be {gib(full)}"
+    )
+
+
 def kv_cache_bytes(spec: RunSpec, config, dtype: torch.dtype) -> int:
     """Generation's cache: keys and values of every layer for every sampled row at full length."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -576,6 +602,8 @@ def plan_run(spec: RunSpec) -> Plan:
         "optimizer states (AdamW)": peak["optimizer"],
         "activations" + (" (checkpointed)" if spec.gradient_checkpointing else ""): peak["activations"],
     }
+    if spec.method != "reward":
+        notes.append(output_layer_note(spec, config))
     divide = SHARDED.get(spec.strategy.split("_offload")[0], ()) if spec.devices > 1 else ()
     for part, key in (("weights", "params"), ("gradients", "grads"), ("optimizer states (AdamW)", "optimizer")):
         if key in divide:
