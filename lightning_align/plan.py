@@ -434,7 +434,8 @@ def measure_step(spec: RunSpec, config) -> dict[str, int]:
                 online = spec.max_new_tokens if spec.method in ("ppo", "grpo") else None
                 check_forward(model, ids[:CHECKED_ROWS], online)
             first_batch_check = category_bytes(tracker.get_tracker_snapshot("peak"))
-        step(ids, mismatched).backward()  # a first step, untracked, creates the gradients and optimiser states
+        for p in trainable:  # the state after a first step: gradients and optimiser states exist
+            p.grad = torch.zeros_like(p)
         optimizer.step()
         with tracked(model, optimizer) as tracker:
             loss = step(ids, mismatched)  # Lightning's order: the last step's gradients live through this forward
