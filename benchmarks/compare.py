@@ -81,26 +81,33 @@ OBJECTIVES = [("kto", "none"), ("kto", "lora"), ("orpo", "none"), ("orpo", "lora
 
 
 # ----- the shared fixture ----------------------------------------------------------------------------------------
-def build_fixture(folder: Path) -> Path:
-    """Model, tokenizer and rows in `folder` (built once)."""
-    import random
-
-    import torch
+def word_tokenizer(vocab_size: int):
+    """A tokenizer whose every word is one token (`t4` ... `t<vocab_size - 1>`), so all frameworks see the same ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    if (folder / "rows.jsonl").exists():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + [f"t{i}" for i in range(len(specials), VOCAB)])}
+    vocab = {token: i for i, token in enumerate(specials + [f"t{i}" for i in range(len(specials), vocab_size)])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_fixture(folder: Path) -> Path:
+    """Model, tokenizer and rows in `folder` (built once)."""
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "rows.jsonl").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    word_tokenizer(VOCAB).save_pretrained(folder)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,

@@ -44,20 +44,14 @@ def build_fixture(folder: Path, size: str) -> Path:
     import random
 
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.compare import word_tokenizer
 
     if (folder / "bf16" / "config.json").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + [f"t{i}" for i in range(len(specials), VOCAB)])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tokenizer = word_tokenizer(VOCAB)
     tokenizer.save_pretrained(folder)
     hidden, layers, heads, intermediate = SIZES[size]
     torch.manual_seed(0)
