@@ -86,8 +86,9 @@ def test_a_class_balance_outside_the_papers_range_is_warned_with_the_weight_that
 def test_kto_raises_the_heldout_reward_margin(adapter, sft_model, task_files, tmp_path):
     L.seed_everything(0)
     callbacks = {None: [], "lora": [LoRA(r=8)], "qlora": [QLoRA(r=8)]}[adapter]
-    # (learning rate, batch size, steps): measured 0.99 (full), 1.04 (LoRA) and 1.55 (QLoRA) held-out margins.
-    learning_rate, batch_size, steps = {None: (1e-4, 16, 100), "lora": (3e-3, 8, 60), "qlora": (2e-3, 16, 100)}[adapter]
+    # (learning rate, batch size, steps): measured held-out margins 0.99 (full), 1.04 (LoRA), 2.03 (QLoRA); losses
+    # 0.41, 0.43, 0.46 from 0.50.
+    learning_rate, batch_size, steps = {None: (1e-4, 16, 100), "lora": (3e-3, 8, 60), "qlora": (1e-3, 16, 200)}[adapter]
     module = KTOModule(sft_model, learning_rate=learning_rate, warmup_steps=10)
     dm = feedback_data(sft_model, task_files, batch_size=batch_size)
     fit = trainer(tmp_path, max_steps=steps, limit_val_batches=8, callbacks=callbacks)
