@@ -749,13 +749,8 @@ def spec_from_run(trainer, module, datamodule=None) -> RunSpec:
             if name == "QLoRA":
                 values.update(double_quant=callback.double_quant, compute_dtype=callback.compute_dtype)
     strategy = type(trainer.strategy).__name__
-    stage = (
-        getattr(trainer.strategy, "zero_stage_3", False)
-        and 3
-        or getattr(getattr(trainer.strategy, "config", None) or {}, "get", lambda *_: {})("zero_optimization", {}).get(
-            "stage"
-        )
-    )
+    deepspeed = getattr(trainer.strategy, "config", None) or {}  # DeepSpeedStrategy's config dict
+    stage = deepspeed.get("zero_optimization", {}).get("stage") if isinstance(deepspeed, dict) else None
     values["strategy"] = {"DDPStrategy": "ddp", "FSDPStrategy": "fsdp"}.get(
         strategy, f"deepspeed_stage_{stage}" if strategy == "DeepSpeedStrategy" else "auto"
     )

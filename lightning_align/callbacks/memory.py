@@ -95,4 +95,3 @@ class MemoryReport(L.Callback):
         seen = f"measured {measured / GIB:.3f} GiB ({what})" if measured is not None else "not measured here"
         ratio = f"; measured / planned = {measured / self.plan.peak:.2f}" if measured and self.plan else ""
         rank_zero_info(f"MemoryReport: peak memory per device: {planned}, {seen}{ratio}")
-        self.report = metrics
