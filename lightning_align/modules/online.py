@@ -5,15 +5,16 @@ optimiser steps per rollout batch, `max_steps` counting optimiser steps."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lightning_align.data.collate import IGNORE_INDEX, pack_padded
 from lightning_align.losses import output_layer_logps
-from lightning_align.modules.base import AlignModule, ModelSource, body_of, model_inputs
+from lightning_align.modules.base import AlignModule, ModelSource, body_of, last_hidden_state, model_inputs
 from lightning_align.modules.reference import Reference, eval_mode
 from lightning_align.modules.rewards import Rewards, RewardSource
 from lightning_align.modules.sampling import Sampler
@@ -43,19 +44,30 @@ def response_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the response tokens of left-padded prompts + right-padded responses under `model`, with the
     logits scaled by the sampling temperature: [batch, response] (0 where `mask` is 0), and, with `want_hidden`,
-    the last hidden states that predict them [batch, response, hidden] (for a value head).
+    the last hidden states that predict them [batch, response, hidden] (for a value head; 0 where `mask` is 0 when
+    packed).
 
-    `plan.output_layer`: "chunked" applies the output layer to the response positions only, a chunk at a time
-    (no [batch, response, vocab] logits); "logits_to_keep" asks the model's forward for the response positions'
-    logits; "full" takes all of them."""
+    `plan.packing`: a packing plan (taken with the chunked output layer only) scores the rows packed without their
+    padding (`packed_response_hidden`). `plan.output_layer`: "chunked" applies the output layer to the response
+    positions only, a chunk at a time (no [batch, response, vocab] logits); "logits_to_keep" asks the model's
+    forward for the response positions' logits; "full" takes all of them."""
+    responses = sequences[:, prompt_length:]
+    scored = mask.bool()
+    logps = torch.zeros(responses.shape, dtype=torch.float32, device=sequences.device)
+    if plan.packed and plan.output_layer == "chunked":
+        hidden, tokens = packed_response_hidden(
+            body_of(model), model, sequences, attention_mask, prompt_length, mask, plan
+        )
+        logps = logps.masked_scatter(scored, output_layer_logps(hidden / temperature, output_weight(model), tokens))
+        if not want_hidden:
+            return logps, None
+        laid_out = hidden.new_zeros(*responses.shape, hidden.shape[-1])
+        return logps, laid_out.masked_scatter(scored.unsqueeze(-1), hidden)
     inputs = {
         "input_ids": sequences,
         "attention_mask": attention_mask,
         "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
     }
-    responses = sequences[:, prompt_length:]
-    scored = mask.bool()
-    logps = torch.zeros(responses.shape, dtype=torch.float32, device=sequences.device)
     hidden = None
     if plan.output_layer == "chunked":
         hidden = body_of(model)(**inputs, use_cache=False).last_hidden_state[:, prompt_length - 1 : -1]
@@ -70,6 +82,42 @@ def response_forward(
     if want_hidden:
         hidden = out.hidden_states[-1][:, prompt_length - 1 : -1]
     return token_logps * mask, hidden
+
+
+def packed_response_hidden(
+    body: nn.Module,
+    model: nn.Module,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    mask: torch.Tensor,
+    plan: ScoringPlan,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last hidden states that predict the scored response tokens (`mask`), from the rows packed without
+    their padding (`pack_padded`, as `plan.packing` says), in row-major order [K, hidden], and those tokens [K].
+
+    Each row's tokens (its left-padded prompt and right-padded response) are one contiguous span, moved to the
+    row's start and packed; the response tokens under `mask` are the labels."""
+    rows, width = sequences.shape
+    lengths = attention_mask.sum(-1)
+    left_padding = prompt_length - attention_mask[:, :prompt_length].sum(-1)
+    columns = torch.arange(width, device=sequences.device).expand(rows, width)
+    source = (columns + left_padding[:, None]).clamp(max=width - 1)
+    real = columns < lengths[:, None]
+    labels = torch.full_like(sequences, IGNORE_INDEX)
+    labels[:, prompt_length:] = sequences[:, prompt_length:].masked_fill(~mask.bool(), IGNORE_INDEX)
+    one_row = plan.packing == "one_row"
+    packed = pack_padded(
+        sequences.gather(1, source) * real,
+        real.long(),
+        labels.gather(1, source).masked_fill(~real, IGNORE_INDEX),
+        one_row=one_row,
+    )
+    inputs = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"]}
+    hidden = last_hidden_state(body, model, inputs, within_examples=one_row)[:, :-1]
+    scored = packed["labels"][:, 1:] != IGNORE_INDEX
+    order = torch.sort(packed["example"][:, 1:][scored], stable=True).indices  # row-major, as `mask` lists them
+    return hidden[scored][order], packed["labels"][:, 1:][scored][order]
 
 
 class OnlineRLModule(AlignModule):
@@ -210,7 +258,9 @@ class OnlineRLModule(AlignModule):
             )
             return logps[mask[rows].bool()]
 
-        return self.scoring.plan(model, score, sequences.device, sharded=self.weights_sharded, packing=False)
+        # Packed only with the chunked output layer (the plan that takes it): packed rows' logits are never needed.
+        packing = not self.weights_sharded and output_weight(model) is not None
+        return self.scoring.plan(model, score, sequences.device, sharded=self.weights_sharded, packing=packing)
 
     @property
     def temperature(self) -> float:
@@ -257,18 +307,24 @@ class OnlineRLModule(AlignModule):
         }
 
     # ----- learning ----------------------------------------------------------------------------------------------
-    def optimizer_step(self, loss: torch.Tensor) -> bool:
-        """One optimiser step on `loss` (with the non-finite policy, clipping and the schedule); False if skipped."""
+    def optimizer_step(self, losses: torch.Tensor | Iterable[torch.Tensor]) -> bool:
+        """One optimiser step on a loss, or on the sum of several computed one after another's backward (for
+        separate networks, so only one network's activations are held at a time), with the non-finite policy,
+        clipping and the schedule; False if skipped."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         optimizer.zero_grad()
-        if self.finite_or_none(loss, None) is None:
-            return False
-        self.manual_backward(loss)
+        for loss in [losses] if isinstance(losses, torch.Tensor) else losses:
+            if self.finite_or_none(loss, None) is None:
+                optimizer.zero_grad(set_to_none=True)
+                return False
+            self.manual_backward(loss)
         if not self.gradients_finite():
             return False
         if self.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()  # Lightning counts these: max_steps is in optimiser steps
+        # Dropped now, not before the next backward: the next step's forward then runs without them.
+        optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
         return True

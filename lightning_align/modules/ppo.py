@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from lightning_align.losses import gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
 from lightning_align.modules.base import ModelSource, disable_dropout
-from lightning_align.modules.online import OnlineRLModule, response_mask  # noqa: F401 (response_mask: API)
+from lightning_align.modules.online import (  # noqa: F401 (response_mask: API)
+    OnlineRLModule,
+    packed_response_hidden,
+    response_mask,
+)
 from lightning_align.modules.rewards import RewardSource
+from lightning_align.modules.scoring import CHECKED_ROWS, ScoringPlan
 
 
 class AdaptiveKLController:
@@ -45,6 +50,30 @@ def load_critic(path: str, vocab_size: int) -> nn.Module:
             "the critic reads the policy's token ids, so it must share the policy's tokenizer"
         )
     return critic.train()
+
+
+def critic_values(
+    critic: nn.Module,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    mask: torch.Tensor,
+    plan: ScoringPlan,
+) -> torch.Tensor:
+    """A sequence classifier's score head at the positions that predict each response token: [batch, response]
+    values, from the rows packed without their padding under a packing plan (0 where `mask` is 0), else from the
+    padded rows."""
+    if plan.packed:
+        hidden, _ = packed_response_hidden(
+            critic.base_model, critic, sequences, attention_mask, prompt_length, mask, plan
+        )
+        values = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        return values.masked_scatter(mask.bool(), critic.score(hidden).squeeze(-1).float())
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = critic.base_model(
+        input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state[:, prompt_length - 1 : -1]
+    return critic.score(hidden).squeeze(-1).float()
 
 
 class PPOModule(OnlineRLModule):
@@ -136,13 +165,25 @@ class PPOModule(OnlineRLModule):
         return logprobs, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def critic_values(self, rollout: dict, rows=slice(None)) -> torch.Tensor:
-        """The separate value model's estimates V(s_t) at the positions that predict each response token."""
-        sequences, attention_mask = rollout["sequences"][rows], rollout["attention_mask"][rows]
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = self.critic.base_model(
-            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state[:, rollout["prompt_length"] - 1 : -1]
-        return self.critic.score(hidden).squeeze(-1).float()
+        """The separate value model's estimates V(s_t) at the positions that predict each response token
+        [rows, response] (0 past a response's end when its rows are scored packed)."""
+        sequences, attention_mask = rollout["sequences"], rollout["attention_mask"]
+        plan = self.critic_plan(rollout)
+        return critic_values(
+            self.critic, sequences[rows], attention_mask[rows], rollout["prompt_length"], rollout["mask"][rows], plan
+        )
+
+    def critic_plan(self, rollout: dict) -> ScoringPlan:
+        """How the value model scores (packed where proven or checked), decided at the first rollout."""
+        rows = slice(0, CHECKED_ROWS)
+        args = [rollout[key][rows] for key in ("sequences", "attention_mask")]
+        mask = rollout["mask"][rows]
+
+        def score(plan: ScoringPlan) -> torch.Tensor:
+            return critic_values(self.critic, *args, rollout["prompt_length"], mask, plan)[mask.bool()]
+
+        device = rollout["sequences"].device
+        return self.scoring.plan(self.critic, score, device, sharded=self.weights_sharded, packing=True)
 
     # ----- rollout -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -191,24 +232,31 @@ class PPOModule(OnlineRLModule):
             for index in torch.randperm(n, device=rollout["sequences"].device).split(self.minibatch_size):
                 if self.steps_left() == 0:  # max_steps counts optimiser steps: stop mid rollout batch
                     break
-                logprobs, values = self.policy_forward(rollout, index)
-                mask = rollout["mask"][index]
-                policy_loss, clipfrac, approx_kl = ppo_policy_loss(
-                    logprobs, rollout["logprobs"][index], rollout["advantages"][index], mask, self.clip_eps
-                )
-                value_loss = ppo_value_loss(
-                    values, rollout["values"][index], rollout["returns"][index], mask, self.value_clip_eps
-                )
-                if not self.optimizer_step(policy_loss + self.vf_coef * value_loss):
+                losses: dict[str, torch.Tensor] = {}
+                if not self.optimizer_step(self.minibatch_losses(rollout, index, losses)):
                     continue
-                for name, value in (
-                    ("loss/policy", policy_loss.detach()),
-                    ("loss/value", value_loss.detach()),
-                    ("policy/clipfrac", clipfrac),
-                    ("policy/approx_kl", approx_kl),
-                ):
+                for name, value in losses.items():
                     totals.setdefault(name, []).append(value.item())
         return {name: sum(values) / len(values) for name, values in totals.items()}
+
+    def minibatch_losses(self, rollout: dict, index: torch.Tensor, stats: dict) -> Iterator[torch.Tensor]:
+        """The losses of one optimiser step on the rollout's rows `index`, recording them in `stats`. With a
+        separate value model, its loss comes after the policy's backward, so one network's activations are held
+        at a time."""
+        mask = rollout["mask"][index]
+        separate = self.critic is not None
+        logprobs, values = self.policy_forward(rollout, index, with_values=not separate)
+        policy_loss, stats["policy/clipfrac"], stats["policy/approx_kl"] = ppo_policy_loss(
+            logprobs, rollout["logprobs"][index], rollout["advantages"][index], mask, self.clip_eps
+        )
+        stats["loss/policy"] = policy_loss.detach()
+        if separate:
+            yield policy_loss
+            values = self.critic_values(rollout, index)
+        old_values, returns = rollout["values"][index], rollout["returns"][index]
+        value_loss = ppo_value_loss(values, old_values, returns, mask, self.value_clip_eps)
+        stats["loss/value"] = value_loss.detach()
+        yield self.vf_coef * value_loss if separate else policy_loss + self.vf_coef * value_loss
 
     def training_step(self, batch, batch_idx):
         rollout = self.rollout(batch)

@@ -101,7 +101,8 @@ class RewardModule(AlignModule):
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
-        """Rewards of plain-text (prompt, response) pairs, tokenised as in training: [len(prompts)]."""
+        """Rewards of plain-text (prompt, response) pairs, tokenised and scored as in training (packed without
+        padding where the scoring plan allows): [len(prompts)]."""
         add_bos = adds_bos(self.tokenizer)
         examples = []
         for number, (prompt, response) in enumerate(zip(prompts, responses, strict=True), start=1):
@@ -112,8 +113,8 @@ class RewardModule(AlignModule):
         scores = []
         for start in range(0, len(examples), batch_size):
             batch = pad_collate(examples[start : start + batch_size], self.tokenizer.pad_token_id)
-            out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            scores.append(out.logits.squeeze(-1).float())
+            batch = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
+            scores.append(batch_rewards(self.model, batch, self.scoring_plan(batch)).float())
         return torch.cat(scores)
 
 

@@ -45,6 +45,10 @@ def next_tokens(
     return chosen.clamp(max=probs.shape[-1] - 1)
 
 
+# Families that decode with a growing cache: their attention reads a mask as long as the keys cached so far.
+STATIC_CACHE_REFUSED = {"bloom": "its ALiBi biases are built from an attention mask as long as the cache"}
+
+
 @functools.cache
 def forward_takes(model_class: type, name: str) -> bool:
     return name in inspect.signature(model_class.forward).parameters
@@ -87,12 +91,20 @@ def decode(
     With `return_logprobs`, also log softmax(logits / temperature) of each chosen token [batch, response] (the
     whole distribution, before top-k / top-p filtering, as a learning pass scores it): the rollout's log-probs
     without another forward pass."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     base = unwrapped(model)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     positions = {"position_ids": position_ids} if forward_takes(type(base), "position_ids") else {}
-    cache = {cache_argument(type(base)): DynamicCache(config=base.config)}  # filled in place by each forward
+    prompt_length = input_ids.shape[1]
+    if getattr(base.config, "model_type", None) in STATIC_CACHE_REFUSED:
+        cache = {cache_argument(type(base)): DynamicCache(config=base.config)}  # filled in place by each forward
+    else:
+        # Preallocated for the whole response and filled in place at `cache_position`: a growing cache would copy
+        # every layer's keys and values at every step.
+        static = StaticCache(config=base.config, max_cache_len=prompt_length + max_new_tokens)
+        where = torch.arange(prompt_length, device=input_ids.device)
+        cache = {cache_argument(type(base)): static, "cache_position": where}
     last_only = {"logits_to_keep": 1} if forward_takes(type(base), "logits_to_keep") else {}  # not the prompt's
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **cache, **positions, **last_only)
     ended = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
@@ -113,6 +125,8 @@ def decode(
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
         if positions:
             positions["position_ids"] = positions["position_ids"][:, -1:] + 1
+        if "cache_position" in cache:
+            cache["cache_position"] = cache["cache_position"][-1:] + 1
         out = model(input_ids=token[:, None], attention_mask=attention_mask, use_cache=True, **cache, **positions)
     sequences = torch.cat([input_ids, torch.stack(chosen, dim=1)], dim=1)
     return (sequences, torch.stack(logprobs, dim=1)) if return_logprobs else sequences

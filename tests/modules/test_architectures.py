@@ -97,6 +97,59 @@ def test_rewards_by_the_chosen_path_equal_the_models_own_padded_forward(name, ch
     assert_equal_with_gradients(*results)
 
 
+def rollout_rows(vocab_size: int, prompt_lengths=(30, 11, 20, 9), response_lengths=(12, 3, 16, 7)) -> tuple:
+    """Rollout-shaped rows: left-padded prompts, then responses right-padded after their own length (16 wide)."""
+    generator = torch.Generator().manual_seed(1)
+    prompt_length, width = max(prompt_lengths), max(prompt_lengths) + max(response_lengths)
+    sequences = torch.zeros(len(prompt_lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(prompt_lengths), max(response_lengths))
+    for row, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
+        sequences[row, prompt_length - p : prompt_length + r] = torch.randint(
+            7, vocab_size, (p + r,), generator=generator
+        )
+        mask[row, :r] = 1
+    attention_mask = torch.cat([(sequences[:, :prompt_length] != 0).long(), mask.long()], dim=1)
+    return sequences, attention_mask, prompt_length, mask
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_online_rl_logps_and_values_by_the_chosen_path_equal_the_models_own_padded_forward(
+    name, model_folders, tmp_path
+):
+    """PPO / GRPO's response log-probs and the hidden states under a value head (the policy's scoring plan, packed
+    where it packs), and a separate value model's values, equal the padded forward's, gradients included."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_align.modules.ppo import critic_values
+
+    module = ready(PPOModule(model_folders(name), reward=first_step_reward), tmp_path=tmp_path)
+    model = module.model.eval()
+    sequences, attention_mask, prompt_length, mask = rows = rollout_rows(model.config.vocab_size)
+    plan = module.scoring_plan(model, *rows)
+    assert plan == fastest_plan(model, module.device, packing=plan.packed) and plan.proven
+    # Packed wherever the family's attention allows it and the chunked output layer applies (no logit soft-capping).
+    assert plan.packed == (name != "bloom" and plan.output_layer == "chunked")
+    weights = torch.linspace(0.5, 1.5, mask.shape[1])
+    results = []
+    for scoring in (plan, SAFE_PLAN):
+        logps, hidden = response_forward(model, *rows, scoring, temperature=0.7, want_hidden=True)
+        hidden = hidden * mask.unsqueeze(-1)  # past a response's end the paths may differ: nothing reads there
+        (torch.sigmoid(logps / 5) * weights).sum().add(hidden.square().mean()).backward()
+        results += [torch.cat([logps.detach().flatten(), hidden.detach().flatten()]), gradients(module)]
+    assert_equal_with_gradients(*results)
+
+    torch.manual_seed(0)
+    critic = AutoModelForSequenceClassification.from_pretrained(model_folders(name), num_labels=1).eval()
+    critic_plan = fastest_plan(critic, module.device)
+    assert critic_plan.packed == (name != "bloom")
+    results = []
+    for scoring in (critic_plan, SAFE_PLAN):
+        values = critic_values(critic, *rows, scoring) * mask
+        (values * weights).sum().backward()
+        results += [values.detach(), gradients(critic)]
+    assert_equal_with_gradients(*results)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_first_dpo_loss_under_lora_is_log_2_with_dropout_in_the_config(name, model_folders, tmp_path):
     module = ready(DPOModule(model_folders(name)), [LoRA(r=4)], tmp_path)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_align import LoRA, PPOModule, PromptDataModule
+from lightning_align.modules.base import body_of
 from lightning_align.modules.online import response_forward
 from lightning_align.modules.ppo import AdaptiveKLController, response_mask
 from lightning_align.modules.scoring import SAFE_PLAN
@@ -247,3 +248,34 @@ def test_separate_critic_values_are_the_reward_models_score_at_every_position(sf
             n = int(rollout["mask"][b].sum())
             expected = critic.score(hidden[start - first - 1 : start - first - 1 + n]).squeeze(-1)
             torch.testing.assert_close(rollout["values"][b, :n], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_separate_critic_learns_after_the_policys_backward_and_gradients_go_after_each_step(
+    sft_model, task_files, tmp_path
+):
+    """Only one network's activations at a time (the critic's forward comes after the policy's backward), and no
+    gradients held into the next step's forward."""
+    from lightning_align import RewardModule
+
+    reward_model = RewardModule(sft_model)
+    reward_model.configure_model()
+    folder = str(reward_model.save_pretrained(tmp_path / "rm"))
+    module = ready(
+        PPOModule(sft_model, reward=starts_with_one, critic=folder, minibatch_size=4, ppo_epochs=1), [], tmp_path
+    )
+    fit = trainer(tmp_path / "fit", max_steps=2, limit_val_batches=0)
+    policy_grads_at_critic_forward, grads_at_policy_forward = [], []
+    module.critic.base_model.register_forward_pre_hook(
+        lambda *_: policy_grads_at_critic_forward.append(
+            torch.is_grad_enabled() and all(p.grad is not None for p in module.model.parameters() if p.requires_grad)
+        )
+    )
+    body_of(module.model).register_forward_pre_hook(
+        lambda *_: grads_at_policy_forward.append(any(p.grad is not None for p in module.parameters()))
+    )
+    fit.fit(module, datamodule=prompts(sft_model, task_files, batch_size=8))
+    assert fit.global_step == 2
+    learning = [seen for seen in policy_grads_at_critic_forward if seen]
+    assert len(learning) == 2  # one learning forward of the critic per step, each after the policy's backward
+    assert not any(grads_at_policy_forward)
+    assert all(p.grad is None for p in module.parameters())
