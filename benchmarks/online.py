@@ -20,7 +20,9 @@ about 20M parameters), random init, fp32 on CPU. Prompts: the benchmark rows' pr
 Figures: medians over the timed iterations of seconds per iteration, split into generation (sampling, and for
 GRPO the reward function) and the rest (scoring and learning); generated tokens per second; the decode bound
 (the time of the decode steps' matrix products alone, at the same batch, measured here) and generation's
-multiple of it; peak resident memory.
+multiple of it; peak resident memory. For PPO also the compute floor of an iteration: the decode bound plus the
+model FLOPs of the rest of its work at the fp32 matmul peak (`ppo_iteration_flops`), which no implementation on
+this machine can beat, and each side's multiple of it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.compare import ROOT, build_fixture, write_section
+from benchmarks import compare
+from benchmarks.compare import ROOT, build_fixture, matmul_peak_flops, write_section
 
 PROMPTS, GENERATIONS, NEW_TOKENS = 8, 4, 32
 PPO_PROMPTS, PPO_NEW_TOKENS, PPO_MINIBATCH, PPO_TEMPERATURE, KL_COEF = 32, 64, 8, 0.7, 0.05
@@ -99,7 +102,8 @@ def fit_timed(folder: Path, module, prompts: int, max_steps: int, generation) ->
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             generate, tokens = generation(pl_module.logged_rollout)
-            steps.append({"total": time.perf_counter() - started[0], "generate": generate, "tokens": tokens})
+            step = {"total": time.perf_counter() - started[0], "generate": generate, "tokens": tokens}
+            steps.append(step | {"prompt_tokens": int(batch["attention_mask"].sum())})
 
     data = PromptDataModule(
         str(folder),
@@ -240,9 +244,23 @@ def run_ours_ppo(folder: Path) -> list[dict]:
     )
     steps = steps[WARMUP_STEPS:]
     bound = decode_bound(module.model, PPO_PROMPTS, PPO_NEW_TOKENS)
+    peak = matmul_peak_flops()
     for step in steps:
         step["bound"] = bound
+        step["floor"] = bound + ppo_iteration_flops(step["prompt_tokens"], step["tokens"]) / peak
     return steps
+
+
+def ppo_iteration_flops(prompt_tokens: int, response_tokens: int) -> float:
+    """Model FLOPs of the work a PPO iteration must do besides the decode steps (which `decode_bound` times), the
+    same on both sides: the prompts' prefill, no-grad forwards of the reward model, the value model and the
+    reference, then one epoch of learning (3 forwards' worth) for the policy and the value model. Each pass costs
+    2 x N_body per real token (the blocks' matrices), plus 2 x N_head per response token where it has the output
+    layer (policy, reference), and attention, normalisation and the optimiser come on top."""
+    n_body, n_head = compare.body_parameters(), compare.VOCAB * compare.HIDDEN
+    tokens = prompt_tokens + response_tokens
+    body_passes = 1 + 1 + 1 + 3 + 3  # reward model, value model, reference; learning: policy, value model
+    return 2 * n_body * (prompt_tokens + body_passes * tokens) + 2 * n_head * response_tokens * (1 + 3)
 
 
 def run_trl_ppo(folder: Path) -> list[dict]:
@@ -330,8 +348,9 @@ def child(method: str, framework: str) -> dict:
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "steps": len(steps),
     }
-    if "bound" in steps[0]:
-        result["bound"] = steps[0]["bound"]
+    for key in ("bound", "floor"):
+        if key in steps[0]:
+            result[key] = statistics.median(step[key] for step in steps)
     return result
 
 
@@ -383,6 +402,16 @@ def table(method: str, ours: dict, trl: dict) -> str:
             "",
             f"Decode bound (the decode steps' matrix products alone, {PPO_PROMPTS} rows x {PPO_NEW_TOKENS} steps): "
             f"{ours['bound']:.2f} s; our generation takes {ours['generate'] / ours['bound']:.1f}x that.",
+        ]
+    if "floor" in ours:
+        lines += [
+            "",
+            f"Compute floor of an iteration (the decode bound, plus the model FLOPs of the prefill, the reward model's,"
+            f" value model's and reference's forwards and one epoch of learning for the policy and the value model, "
+            f"at the fp32 matmul peak measured in the same run; see `ppo_iteration_flops`): {ours['floor']:.2f} s. "
+            f"Ours takes {ours['seconds'] / ours['floor']:.2f}x the floor, {peer} "
+            f"{trl['seconds'] / ours['floor']:.2f}x; 3x {peer}'s speed would be {trl['seconds'] / 3:.2f} s, "
+            f"{trl['seconds'] / 3 / ours['floor']:.2f}x the floor.",
         ]
     return "\n".join(lines)
 

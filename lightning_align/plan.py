@@ -437,8 +437,11 @@ def measure_step(spec: RunSpec, config) -> dict[str, int]:
         for p in trainable:  # the state after a first step: gradients and optimiser states exist
             p.grad = torch.zeros_like(p)
         optimizer.step()
+        if spec.method in ("ppo", "grpo"):  # `OnlineRLModule.optimizer_step` drops them after each step
+            optimizer.zero_grad(set_to_none=True)
         with tracked(model, optimizer) as tracker:
-            loss = step(ids, mismatched)  # Lightning's order: the last step's gradients live through this forward
+            # Lightning's order (automatic optimisation): the last step's gradients live through this forward.
+            loss = step(ids, mismatched)
             forward_end = category_bytes(tracker.get_tracker_snapshot())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
