@@ -85,6 +85,22 @@ def trainer(tmp_path, **kwargs):
     return L.Trainer(**defaults)
 
 
+def task_prompts(model, task_files, batch_size=8, **options):
+    """The demo task's plain prompts (no chat template), set up for fit."""
+    from lightning_align import PromptDataModule
+
+    dm = PromptDataModule(
+        model,
+        task_files["prompts_train"],
+        task_files["prompts_val"],
+        batch_size=batch_size,
+        apply_chat_template=False,
+        **options,
+    )
+    dm.setup("fit")
+    return dm
+
+
 def ready(module, callbacks=(), tmp_path=None):
     """A module set up by a real Trainer (adapters applied, reference placed) without training it."""
     fit = trainer(tmp_path, max_steps=0, callbacks=list(callbacks))

@@ -7,6 +7,7 @@ import torch
 
 from lightning_align import (
     DPOModule,
+    GRPOModule,
     LoRA,
     PPOModule,
     PreferenceDataModule,
@@ -40,31 +41,41 @@ def test_preference_modules_train_with_every_adapter_and_precision(
         assert module.reference.kind == expected
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("adapter", list(ADAPTERS))
-def test_ppo_trains_with_every_adapter_and_precision(tiny_model, task_files, tmp_path, adapter, precision):
-    dm = PromptDataModule(tiny_model, task_files["prompts_train"], batch_size=4)
-    module = PPOModule(tiny_model, reward="lightning_align.demos:task_reward", max_new_tokens=4, minibatch_size=4)
-    fit = trainer(tmp_path, max_steps=4, callbacks=ADAPTERS[adapter](), precision=precision)
-    fit.fit(module, datamodule=dm)
-    for name in ("loss/policy", "loss/value", "kl", "reward/mean"):
-        assert math.isfinite(module.logged_rollout[name]), name
-    expected = "frozen copy of the starting policy" if adapter == "none" else "adapter-disabled base"
-    assert module.reference.kind == expected
+# method: (module on the tiny model, prompts per batch, optimiser steps, metrics that must be finite)
+ONLINE = {
+    "ppo": (
+        lambda model: PPOModule(model, reward="lightning_align.demos:task_reward", max_new_tokens=4, minibatch_size=4),
+        4,
+        4,
+        ("loss/policy", "loss/value", "kl", "reward/mean"),
+    ),
+    "grpo": (
+        lambda model: GRPOModule(
+            model, rewards="lightning_align.demos:task_reward", num_generations=2, max_new_tokens=4
+        ),
+        2,
+        2,
+        ("loss", "reward/mean", "entropy"),
+    ),
+}
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("adapter", list(ADAPTERS))
-def test_grpo_trains_with_every_adapter_and_precision(tiny_model, task_files, tmp_path, adapter, precision):
-    from lightning_align import GRPOModule
-
-    dm = PromptDataModule(tiny_model, task_files["prompts_train"], batch_size=2)
-    module = GRPOModule(tiny_model, rewards="lightning_align.demos:task_reward", num_generations=2, max_new_tokens=4)
-    fit = trainer(tmp_path, max_steps=2, callbacks=ADAPTERS[adapter](), precision=precision)
-    fit.fit(module, datamodule=dm)
-    assert fit.global_step == 2
-    for name in ("loss", "reward/mean", "entropy"):
+@pytest.mark.parametrize("method", list(ONLINE))
+def test_online_rl_trains_with_every_adapter_and_precision(
+    tiny_model, task_files, tmp_path, method, adapter, precision
+):
+    build, batch_size, steps, metrics = ONLINE[method]
+    module = build(tiny_model)
+    fit = trainer(tmp_path, max_steps=steps, callbacks=ADAPTERS[adapter](), precision=precision)
+    fit.fit(module, datamodule=PromptDataModule(tiny_model, task_files["prompts_train"], batch_size=batch_size))
+    assert fit.global_step == steps
+    for name in metrics:
         assert math.isfinite(module.logged_rollout[name]), name
+    if method == "ppo":
+        expected = "frozen copy of the starting policy" if adapter == "none" else "adapter-disabled base"
+        assert module.reference.kind == expected
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

@@ -9,20 +9,7 @@ from lightning_align import GRPOModule, LoRA, PPOModule, PromptDataModule, QLoRA
 from lightning_align.demos import task_reward
 from lightning_align.modules.online import response_forward
 from lightning_align.modules.scoring import SAFE_PLAN, ScoringPlan
-from tests.conftest import ready, trainer, write_jsonl
-
-
-def plain_prompts(model, task_files, batch_size=4, **options):
-    dm = PromptDataModule(
-        model,
-        task_files["prompts_train"],
-        task_files["prompts_val"],
-        batch_size=batch_size,
-        apply_chat_template=False,
-        **options,
-    )
-    dm.setup("fit")
-    return dm
+from tests.conftest import ready, task_prompts, trainer, write_jsonl
 
 
 def test_a_prompts_samples_are_adjacent_and_scored_with_their_prompt(tiny_model, task_files, tmp_path):
@@ -33,7 +20,7 @@ def test_a_prompts_samples_are_adjacent_and_scored_with_their_prompt(tiny_model,
         return [float(len(c)) for c in completions]
 
     module = ready(GRPOModule(tiny_model, rewards=record, num_generations=3, max_new_tokens=4), [], tmp_path)
-    dm = plain_prompts(tiny_model, task_files)
+    dm = task_prompts(tiny_model, task_files, batch_size=4)
     batch = dm.collate(dm.train_set[:4])
     rollout = module.rollout(batch)
     assert rollout["sequences"].shape[0] == 12
@@ -84,7 +71,7 @@ def test_several_rewards_weighted_with_row_fields_and_abstentions(tiny_model, tm
 
 def test_the_chunked_output_layer_equals_the_models_own_forward_with_gradients(tiny_model, task_files, tmp_path):
     module = ready(GRPOModule(tiny_model, rewards=task_reward, num_generations=2, max_new_tokens=6), [], tmp_path)
-    dm = plain_prompts(tiny_model, task_files)
+    dm = task_prompts(tiny_model, task_files, batch_size=4)
     rollout = module.rollout(dm.collate(dm.train_set[:4]))
     args = [rollout[k] for k in ("sequences", "attention_mask", "prompt_length", "mask")]
     results = {}
@@ -112,7 +99,7 @@ def test_old_logprobs_and_truncated_completions(tiny_model, task_files, tmp_path
         mask_truncated_completions=True,
     )
     module = ready(module, [], tmp_path)
-    dm = plain_prompts(tiny_model, task_files)
+    dm = task_prompts(tiny_model, task_files, batch_size=4)
     rollout = module.rollout(dm.collate(dm.train_set[:4]))
     assert "logprobs" in rollout  # the policy moves between passes: pi_old is the rollout's
     truncated = ~rollout["ended"]
@@ -165,7 +152,7 @@ class Records(L.pytorch.loggers.logger.Logger):
 @pytest.mark.parametrize("method", ["ppo", "grpo"])
 def test_max_steps_counts_optimiser_steps_and_every_rollout_batch_is_logged(method, tiny_model, task_files, tmp_path):
     records = Records()
-    dm = plain_prompts(tiny_model, task_files, batch_size=8)
+    dm = task_prompts(tiny_model, task_files, batch_size=8)
     if method == "ppo":  # 8 prompts, minibatch 2, 2 epochs: 8 optimiser steps per rollout batch
         module = PPOModule(tiny_model, reward=task_reward, max_new_tokens=3, minibatch_size=2)
         max_steps, batches = 10, 2
@@ -207,7 +194,7 @@ def test_each_estimator_trains_with_each_adapter(advantage, adapter, tiny_model,
         minibatch_size=4,
         learning_rate=1e-2,
     )
-    dm = plain_prompts(tiny_model, task_files, batch_size=4)
+    dm = task_prompts(tiny_model, task_files, batch_size=4)
     start = Snapshot()
     fit = trainer(tmp_path, max_steps=3, callbacks=[*callbacks, start], limit_val_batches=0)
     fit.fit(module, datamodule=dm)
@@ -222,7 +209,7 @@ def test_each_estimator_trains_with_each_adapter(advantage, adapter, tiny_model,
 
 def heldout_reward_before_and_after(sft_model, task_files, tmp_path, **options):
     L.seed_everything(0)
-    dm = plain_prompts(sft_model, task_files, batch_size=8)
+    dm = task_prompts(sft_model, task_files, batch_size=8)
     module = GRPOModule(
         sft_model, rewards=task_reward, num_generations=8, max_new_tokens=12, minibatch_size=16, **options
     )
@@ -236,8 +223,11 @@ def heldout_reward_before_and_after(sft_model, task_files, tmp_path, **options):
 
 @pytest.mark.parametrize("advantage", ["grpo", "rloo", "reinforce++"])
 def test_each_estimator_raises_the_heldout_task_reward(advantage, sft_model, task_files, tmp_path):
+    # REINFORCE++ with a firmer KL anchor: at its default beta 0.01 the gain swung from +0.03 to +0.16 over seeds
+    # (at 0.05: +0.12 to +0.14).
+    options = {"beta": 0.05} if advantage == "reinforce++" else {}
     before, after = heldout_reward_before_and_after(
-        sft_model, task_files, tmp_path, advantage=advantage, learning_rate=5e-4
+        sft_model, task_files, tmp_path, advantage=advantage, learning_rate=5e-4, **options
     )
     print(f"{advantage}: held-out task reward {before:.3f} -> {after:.3f}")
     assert after > before + 0.08

@@ -8,23 +8,11 @@ from lightning_align.modules.base import body_of
 from lightning_align.modules.online import response_forward
 from lightning_align.modules.ppo import AdaptiveKLController, response_mask
 from lightning_align.modules.scoring import SAFE_PLAN
-from tests.conftest import ready, trainer
+from tests.conftest import ready, task_prompts, trainer
 
 
 def starts_with_one(prompts, completions):
     return [1.0 if c.startswith("1") else 0.0 for c in completions]
-
-
-def prompts(model_path, task_files, batch_size=8):
-    dm = PromptDataModule(
-        model_path,
-        task_files["prompts_train"],
-        task_files["prompts_val"],
-        batch_size=batch_size,
-        apply_chat_template=False,
-    )
-    dm.setup("fit")
-    return dm
 
 
 def test_adaptive_kl_controller_moves_beta_toward_the_target():
@@ -47,7 +35,8 @@ def test_response_mask_covers_tokens_through_the_first_eos():
 
 def test_with_policy_equal_to_reference_kl_is_zero_everywhere_and_ratios_are_one(sft_model, task_files, tmp_path):
     module = ready(PPOModule(sft_model, reward=starts_with_one, temperature=0.7), [LoRA(r=4)], tmp_path)
-    batch = prompts(sft_model, task_files).collate(prompts(sft_model, task_files).train_set[:8])
+    dm = task_prompts(sft_model, task_files)
+    batch = dm.collate(dm.train_set[:8])
     rollout = module.rollout(batch)  # a fresh LoRA adapter leaves the policy equal to the reference
     with module.reference(module.model) as ref:
         ref_logprobs, _ = module.response_logps(ref, rollout)
@@ -65,7 +54,7 @@ def test_lora_reference_logprobs_are_the_base_models(sft_model, task_files, tmp_
     for p in module.model.parameters():  # move the adapter away from zero so policy and reference differ
         if p.requires_grad:
             p.data.normal_(0, 0.1)
-    dm = prompts(sft_model, task_files)
+    dm = task_prompts(sft_model, task_files)
     rollout = module.rollout(dm.collate(dm.train_set[:8]))
     base = AutoModelForCausalLM.from_pretrained(sft_model).eval()
     with torch.no_grad():  # the base by its own padded forward; the reference by the module's scoring plan
@@ -81,7 +70,7 @@ def test_lora_reference_logprobs_are_the_base_models(sft_model, task_files, tmp_
 
 def test_batched_left_padded_generation_honours_eos_and_max_new_tokens(sft_model, task_files, tmp_path):
     module = ready(PPOModule(sft_model, reward=starts_with_one, max_new_tokens=6), [], tmp_path)
-    dm = prompts(sft_model, task_files)
+    dm = task_prompts(sft_model, task_files)
     examples = sorted(dm.train_set[:16], key=lambda e: len(e["input_ids"]))
     examples = [examples[0], examples[-1]]
     assert len(examples[0]["input_ids"]) < len(examples[1]["input_ids"])  # so the batch is really left-padded
@@ -106,7 +95,7 @@ def test_batched_left_padded_generation_honours_eos_and_max_new_tokens(sft_model
 )
 def test_bad_reward_functions_fail_with_a_clear_message(sft_model, task_files, tmp_path, reward, message):
     module = ready(PPOModule(sft_model, reward=reward), [], tmp_path)
-    dm = prompts(sft_model, task_files)
+    dm = task_prompts(sft_model, task_files)
     with pytest.raises((ValueError, RuntimeError), match=message):
         module.rollout(dm.collate(dm.train_set[:8]))
 
@@ -236,7 +225,7 @@ def test_separate_critic_values_are_the_reward_models_score_at_every_position(sf
     reward_model.configure_model()
     folder = str(reward_model.save_pretrained(tmp_path / "rm"))
     module = ready(PPOModule(sft_model, reward=starts_with_one, critic=folder), [], tmp_path)
-    dm = prompts(sft_model, task_files)
+    dm = task_prompts(sft_model, task_files)
     rollout = module.rollout(dm.collate(dm.train_set[:4]))
     critic = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     sequences, attention_mask, start = rollout["sequences"], rollout["attention_mask"], rollout["prompt_length"]
@@ -273,7 +262,7 @@ def test_separate_critic_learns_after_the_policys_backward_and_gradients_go_afte
     body_of(module.model).register_forward_pre_hook(
         lambda *_: grads_at_policy_forward.append(any(p.grad is not None for p in module.parameters()))
     )
-    fit.fit(module, datamodule=prompts(sft_model, task_files, batch_size=8))
+    fit.fit(module, datamodule=task_prompts(sft_model, task_files, batch_size=8))
     assert fit.global_step == 2
     learning = [seen for seen in policy_grads_at_critic_forward if seen]
     assert len(learning) == 2  # one learning forward of the critic per step, each after the policy's backward
