@@ -38,7 +38,7 @@ def run(method: str, adapter: str, precision: str, strategy: str = "auto", devic
     import lightning as L
 
     import lightning_align as la
-    from benchmarks.memory import SIZES, build_fixture
+    from benchmarks.memory import SIZES, adapter_callbacks, build_fixture
 
     SIZES.setdefault(SIZE, (768, 8, 12, 2048))
     folder = str(build_fixture(ROOT / f".fixture-memory-{SIZE}", SIZE))
@@ -69,7 +69,6 @@ def run(method: str, adapter: str, precision: str, strategy: str = "auto", devic
                 losses.append(float(trainer.callback_metrics["train/loss"]))
 
     report = la.MemoryReport()
-    adapters = {"none": [], "lora": [la.LoRA(r=16, alpha=32)], "qlora": [la.QLoRA(r=16, alpha=32)]}
     trainer = L.Trainer(
         accelerator=os.environ.get("GPU_CHECK_ACCELERATOR", "gpu"),  # "cpu": a smoke test of this script
         devices=devices,
@@ -81,7 +80,7 @@ def run(method: str, adapter: str, precision: str, strategy: str = "auto", devic
         enable_checkpointing=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[report, Losses(), *adapters[adapter]],
+        callbacks=[report, Losses(), *adapter_callbacks(adapter)],
         default_root_dir=str(ROOT / ".gpu-check-out"),
     )
     L.seed_everything(0)

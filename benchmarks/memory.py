@@ -94,6 +94,13 @@ def build_fixture(folder: Path, size: str) -> Path:
     return folder
 
 
+def adapter_callbacks(adapter: str) -> list:
+    """The callbacks of an `ADAPTERS` entry: none, LoRA or QLoRA at rank 16."""
+    import lightning_align as la
+
+    return {"none": [], "lora": [la.LoRA(r=16, alpha=32)], "qlora": [la.QLoRA(r=16, alpha=32)]}[adapter]
+
+
 def constant_reward(prompts, completions):
     return [0.0 for _ in completions]
 
@@ -136,7 +143,6 @@ def fit(size: str, method: str, adapter: str, steps: int) -> dict:
             learning_rate=1e-5,
         )
     data.setup("fit")  # tokenised before the baseline
-    adapters = {"none": [], "lora": [la.LoRA(r=16, alpha=32)], "qlora": [la.QLoRA(r=16, alpha=32)]}
     report = la.MemoryReport()
     trainer = L.Trainer(
         accelerator="auto",
@@ -148,7 +154,7 @@ def fit(size: str, method: str, adapter: str, steps: int) -> dict:
         enable_checkpointing=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[report, *adapters[adapter]],
+        callbacks=[report, *adapter_callbacks(adapter)],
         default_root_dir=str(folder / "out"),
     )
     trainer.fit(module, datamodule=data)

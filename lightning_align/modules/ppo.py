@@ -52,7 +52,7 @@ def load_critic(path: str, vocab_size: int) -> nn.Module:
     return critic.train()
 
 
-def critic_values(
+def score_head_values(
     critic: nn.Module,
     sequences: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -169,7 +169,7 @@ class PPOModule(OnlineRLModule):
         [rows, response] (0 past a response's end when its rows are scored packed)."""
         sequences, attention_mask = rollout["sequences"], rollout["attention_mask"]
         plan = self.critic_plan(rollout)
-        return critic_values(
+        return score_head_values(
             self.critic, sequences[rows], attention_mask[rows], rollout["prompt_length"], rollout["mask"][rows], plan
         )
 
@@ -180,7 +180,7 @@ class PPOModule(OnlineRLModule):
         mask = rollout["mask"][rows]
 
         def score(plan: ScoringPlan) -> torch.Tensor:
-            return critic_values(self.critic, *args, rollout["prompt_length"], mask, plan)[mask.bool()]
+            return score_head_values(self.critic, *args, rollout["prompt_length"], mask, plan)[mask.bool()]
 
         device = rollout["sequences"].device
         return self.scoring.plan(self.critic, score, device, sharded=self.weights_sharded, packing=True)

@@ -151,7 +151,10 @@ class Sampler:
                 if self.use_loop
                 else "model.generate (its family is not in the architecture grid)"
             )
-            rank_zero_info(f"sampling {getattr(base.config, 'model_type', '?')} ({type(base).__name__}): {how}")
+            model_type = getattr(base.config, "model_type", "?")
+            if self.use_loop and model_type in STATIC_CACHE_REFUSED:
+                how += f"; a growing KV cache, not a preallocated one: {STATIC_CACHE_REFUSED[model_type]}"
+            rank_zero_info(f"sampling {model_type} ({type(base).__name__}): {how}")
         if self.use_loop:
             out = decode(
                 model,

@@ -120,7 +120,7 @@ def test_online_rl_logps_and_values_by_the_chosen_path_equal_the_models_own_padd
     where it packs), and a separate value model's values, equal the padded forward's, gradients included."""
     from transformers import AutoModelForSequenceClassification
 
-    from lightning_align.modules.ppo import critic_values
+    from lightning_align.modules.ppo import score_head_values
 
     module = ready(PPOModule(model_folders(name), reward=first_step_reward), tmp_path=tmp_path)
     model = module.model.eval()
@@ -144,7 +144,7 @@ def test_online_rl_logps_and_values_by_the_chosen_path_equal_the_models_own_padd
     assert critic_plan.packed == (name != "bloom")
     results = []
     for scoring in (critic_plan, SAFE_PLAN):
-        values = critic_values(critic, *rows, scoring) * mask
+        values = score_head_values(critic, *rows, scoring) * mask
         (values * weights).sum().backward()
         results += [values.detach(), gradients(critic)]
     assert_equal_with_gradients(*results)
