@@ -35,6 +35,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -251,7 +252,7 @@ def run_ours(folder: Path, method: str, peft: str, variant: str = "") -> list[tu
         enable_checkpointing=False,
         limit_val_batches=0,
         callbacks=callbacks,
-        default_root_dir=str(folder / "ours-out"),  # the LoRA callback saves its adapter there
+        default_root_dir=tempfile.mkdtemp(dir=folder, prefix="ours-out-"),  # a fresh folder for the LoRA adapter
     )
     trainer.fit(module, datamodule=data)
     return clock.timed_steps()

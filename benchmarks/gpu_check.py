@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -81,7 +82,7 @@ def run(method: str, adapter: str, precision: str, strategy: str = "auto", devic
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=[report, Losses(), *adapter_callbacks(adapter)],
-        default_root_dir=str(ROOT / ".gpu-check-out"),
+        default_root_dir=tempfile.mkdtemp(prefix="gpu-check-"),  # each run's adapter in a fresh folder
     )
     L.seed_everything(0)
     started = time.perf_counter()

@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from datetime import date
 from pathlib import Path
 
@@ -155,7 +156,7 @@ def fit(size: str, method: str, adapter: str, steps: int) -> dict:
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=[report, *adapter_callbacks(adapter)],
-        default_root_dir=str(folder / "out"),
+        default_root_dir=tempfile.mkdtemp(dir=folder, prefix="out-"),
     )
     trainer.fit(module, datamodule=data)
     return {

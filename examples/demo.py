@@ -75,7 +75,8 @@ def main() -> None:
     trainer.fit(sft, datamodule=sft_data)
     after = [task_accuracy(sft.model, sft_data.tokenizer, held_out, any_style=True)]
     after += [task_accuracy(sft.model, sft_data.tokenizer, held_out)] + validated(trainer, sft, sft_data, ["val/loss"])
-    sft_path = str(sft.save_pretrained(RUN_DIR / "sft" / "export"))
+    # overwrite=True: each `make demo` replaces the exports of the one before (and nothing else in runs/demo)
+    sft_path = str(sft.save_pretrained(RUN_DIR / "sft" / "export", overwrite=True))
     rows += [
         ("SFT", "task accuracy (either style)", before[0], after[0]),
         ("SFT", "bare answer, correct", before[1], after[1]),
@@ -105,7 +106,7 @@ def main() -> None:
     before = validated(trainer, reward_model, pairs, ["val/accuracy"])[0]
     trainer.fit(reward_model, datamodule=pairs)
     after = validated(trainer, reward_model, pairs, ["val/accuracy"])[0]
-    reward_path = str(reward_model.save_pretrained(RUN_DIR / "reward" / "export"))
+    reward_path = str(reward_model.save_pretrained(RUN_DIR / "reward" / "export", overwrite=True))
     rows.append(("Reward model", "held-out pair accuracy", before, after))
 
     # 4. PPO from the SFT model with LoRA, against the trained reward model.
@@ -115,7 +116,7 @@ def main() -> None:
     ppo = PPOModule(
         sft_path, reward=reward_path, max_new_tokens=12, kl_coef=0.1, whiten_scores=True, learning_rate=2e-3
     )
-    adapter = LoRA(r=8, save_dir=str(RUN_DIR / "ppo" / "adapter"))
+    adapter = LoRA(r=8, save_dir=str(RUN_DIR / "ppo" / "adapter"), overwrite=True)
     trainer = stage_trainer("ppo", 400, callbacks=[adapter], log_every_n_steps=1)  # one log per rollout batch
     score_before = validated(trainer, ppo, prompts, ["val/reward"])[0]
     task_before = mean_task_reward(ppo, prompts, held_out)

@@ -15,6 +15,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -74,7 +75,7 @@ def measure(method: str, variant: str, steps: int = 8) -> dict:
         enable_model_summary=False,
         limit_val_batches=0,
         callbacks=[*adapter, StepTimer()],
-        default_root_dir=f"runs/measure/{method}-{variant}",  # the LoRA callbacks save their adapter here
+        default_root_dir=tempfile.mkdtemp(prefix=f"measure-{method}-{variant}-"),  # the adapters: not kept
     )
     trainer.fit(module, datamodule=dm)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,4 +1,5 @@
-"""`lightning-align fit --config x.yaml`: LightningCLI over the library's modules, data modules and callbacks.
+"""`lightning-align fit --config x.yaml`: LightningCLI over the library's modules, data modules and callbacks
+(`validate` measures the validation metrics of a model or checkpoint without training).
 `lightning-align plan --config x.yaml`: the run's predicted peak memory per device (`lightning_align.plan`).
 
 Modules and data modules are chosen by `class_path` (any `AlignModule` / `AlignDataModule`, ours or a user's),
@@ -16,11 +17,13 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from lightning_align.callbacks.checkpoints import LastCheckpoint
 from lightning_align.callbacks.memory import MemoryReport
 from lightning_align.callbacks.progress import StepProgressBar
 from lightning_align.data.base import AlignDataModule
 from lightning_align.data.sources import DataError
 from lightning_align.modules.base import AlignModule
+from lightning_align.modules.signal import NoLearningSignal
 
 
 class LoggedConfig(SaveConfigCallback):
@@ -95,6 +98,17 @@ class AlignCLI(LightningCLI):
             callbacks = [*callbacks, MemoryReport()]
         return super()._instantiate_trainer(config, callbacks)
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # The modules have no test_step or forward: `test` and `predict` would only fail, so they are not offered.
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
+    def before_fit(self) -> None:
+        # Before the config is saved over the earlier run's: a new run into a folder holding another's checkpoint.
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, LastCheckpoint):
+                callback.check_new_run(self.trainer, self.config["fit"].get("ckpt_path"))
+
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
@@ -122,7 +136,7 @@ def as_saved(value):
     return [as_saved(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-USER_ERRORS = (DataError, FileNotFoundError, ValueError)
+USER_ERRORS = (DataError, FileNotFoundError, FileExistsError, ValueError, NoLearningSignal)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import math
 import re
 import time
@@ -180,7 +181,22 @@ def parse_bytes(text: str) -> int:
     number, prefix, unit = match.groups()
     power = "KMGT".index(prefix.upper()) + 1 if prefix else 0
     base = 1000 if unit.upper() == "B" and prefix else 1024
-    return int(float(number) * base**power)
+    size = int(float(number) * base**power)
+    if size <= 0:
+        raise ValueError(f"device memory {text!r}: must be more than 0")
+    return size
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 # ----- the fake step -------------------------------------------------------------------------------------------
@@ -193,18 +209,32 @@ def load_config(model: str):
         return model  # already a config
     path = Path(resolve_model(model))
     if path.is_file():
-        return AutoConfig.from_pretrained(path.parent) if path.name == "config.json" else _config_file(path)
+        if path.name == "config.json":
+            _config_values(path)
+            return AutoConfig.from_pretrained(path.parent)
+        return _config_file(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{model}: no config.json there; give a model folder or its config.json")
+    _config_values(path / "config.json")  # a clear error for a broken file, before transformers reads it
     return AutoConfig.from_pretrained(path)
 
 
-def _config_file(path: Path):
-    import json
+def _config_values(path: Path) -> dict:
+    """A model config file's values; a file that is not a JSON object with a `model_type` is refused by name."""
+    try:
+        values = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        where = f" at line {err.lineno}, column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise ValueError(f"{path}: not a valid JSON model config ({getattr(err, 'msg', err)}{where})") from None
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise ValueError(f"{path}: a model config is a JSON object with a 'model_type' (as config.json files are)")
+    return values
 
+
+def _config_file(path: Path):
     from transformers import AutoConfig
 
-    values = json.loads(path.read_text())
+    values = _config_values(path)
     return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
@@ -784,13 +814,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="the config `lightning-align fit` would run")
     parser.add_argument("--model", help="another model: a folder with config.json, or the file (no weights needed)")
     parser.add_argument("--device-memory", help="the device's memory, e.g. 24GiB (default: the local GPU's)")
-    parser.add_argument("--micro-batch", type=int)
-    parser.add_argument("--max-length", type=int)
+    parser.add_argument("--micro-batch", type=at_least(1))
+    parser.add_argument("--max-length", type=at_least(2))
     parser.add_argument("--precision")
     parser.add_argument("--strategy")
-    parser.add_argument("--devices", type=int)
+    parser.add_argument("--devices", type=at_least(1))
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
     args = parser.parse_args(argv)
+    memory = parse_bytes(args.device_memory) if args.device_memory else local_device_memory()
     spec = spec_from_config(
         args.config,
         model=args.model,
@@ -803,7 +834,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     plan = plan_run(spec)
     print(plan.table())
-    memory = parse_bytes(args.device_memory) if args.device_memory else local_device_memory()
     if memory is None:
         print(f"planned in {plan.seconds:.1f} s; give --device-memory to check a device")
         return

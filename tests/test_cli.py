@@ -80,6 +80,12 @@ def test_resume_keeps_the_configs_method_and_refuses_another_methods_checkpoint(
     sft, dpo = (next(c for c in CONFIGS if c.stem == name) for name in ("sft_full", "dpo_full"))
     assert cli(["fit", "--config", str(sft), *SHORT_RUN], tmp_path).returncode == 0
     checkpoint = "runs/sft_full/checkpoints/last.ckpt"
+    (config_file,) = (tmp_path / "runs" / "sft_full").rglob("config.yaml")
+    first_config = config_file.read_text()
+    again = cli(["fit", "--config", str(sft), *SHORT_RUN, "--model.learning_rate=0.002"], tmp_path)
+    assert again.returncode == 2 and "Traceback" not in again.stderr  # a second run would bury the first's
+    assert f"{checkpoint} holds an earlier run's checkpoint" in again.stderr and "--ckpt_path" in again.stderr
+    assert config_file.read_text() == first_config
     wrong = cli(["fit", "--config", str(dpo), *SHORT_RUN, f"--ckpt_path={checkpoint}"], tmp_path)
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert "the checkpoint is of another run: module 'SFTModule' (this run: 'DPOModule')" in wrong.stderr
@@ -96,6 +102,7 @@ def test_resume_keeps_the_configs_method_and_refuses_another_methods_checkpoint(
 
     saved = torch.load(tmp_path / checkpoint, weights_only=True)
     assert saved["global_step"] == 3 and saved["hyper_parameters"]["learning_rate"] == 0.001  # the override won
+    assert sorted(p.name for p in (tmp_path / "runs" / "sft_full" / "checkpoints").glob("*.ckpt")) == ["last.ckpt"]
 
 
 def test_print_config_round_trips_to_the_same_run(demo_home, tmp_path):
@@ -110,7 +117,8 @@ def test_print_config_round_trips_to_the_same_run(demo_home, tmp_path):
 
     losses = []
     for source, name in ((config, "original"), (first, "printed")):
-        override = [f"--trainer.logger.init_args.save_dir=runs/{name}", "--model.beta=0.2"]
+        override = [f"--trainer.logger.init_args.save_dir=runs/{name}", f"--trainer.default_root_dir=runs/{name}"]
+        override.append("--model.beta=0.2")
         done = cli(["fit", "--config", str(source), *SHORT_RUN, *override], tmp_path)
         assert done.returncode == 0, done.stderr[-2000:]
         (run_dir,) = (tmp_path / "runs" / name / "wandb").glob("offline-run-*")
@@ -176,3 +184,12 @@ def test_a_weighted_mixture_of_loss_types_is_selectable_from_yaml(demo_home, tmp
     init_args = config_logged["run"]["model"]["init_args"]
     assert init_args["loss_type"] == ["sigmoid", "bco_pair", "sft"] and init_args["loss_weights"] == [0.8, 0.2, 1.0]
     assert init_args["ld_alpha"] == 0.5 and len(metrics["train/loss"]) == 2
+
+
+def test_only_the_subcommands_the_modules_support_are_offered(demo_home, tmp_path):
+    from lightning_align.cli import AlignCLI
+
+    assert set(AlignCLI.subcommands()) == {"fit", "validate"}
+    config = next(c for c in CONFIGS if c.stem == "sft_full")
+    done = cli(["test", "--config", str(config)], tmp_path, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "test" in done.stderr.strip().splitlines()[-1]

@@ -207,6 +207,28 @@ def test_cli_plans_the_example_config_and_the_published_7b_and_70b(capsys):
     assert "fits a 74.51 GiB device" in out
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "{bad}/config.json"], "config.json: not a valid JSON model config (Expecting property name"),
+        (["--model", "{bad}"], "config.json: not a valid JSON model config"),
+        (["--micro-batch", "-1"], "argument --micro-batch: must be at least 1, got -1"),
+        (["--max-length", "0"], "argument --max-length: must be at least 2, got 0"),
+        (["--device-memory", "0"], "device memory '0': must be more than 0"),
+    ],
+    ids=["bad-json-file", "bad-json-folder", "negative-micro-batch", "zero-length", "zero-memory"],
+)
+def test_cli_plan_input_errors_name_the_cause_in_one_line(args, message, tmp_path, capsys):
+    from lightning_align.cli import main
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama",\n')
+    args = [a.replace("{bad}", str(tmp_path)) for a in args]
+    with pytest.raises(SystemExit) as stop:
+        main(["plan", "--config", str(CONFIGS / "sft_full.yaml"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and message in err[-1] and "Traceback" not in "\n".join(err)
+
+
 def test_cheapest_change_is_one_that_fits(llama_config):
     spec = RunSpec(llama_config, method="sft", micro_batch=8, max_length=256)
     needed = plan_run(spec).device_total()

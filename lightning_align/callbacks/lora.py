@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_align.modules.base import AlignModule, ModelAdapter
 from lightning_align.modules.reference import START_ADAPTER
+from lightning_align.outputs import check_export_target, holds_only_an_export, may_replace, run_output_dir
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -91,9 +92,12 @@ class LoRA(L.Callback, ModelAdapter):
             start counts the adapted layers by kind (attention, MLP, routed / shared experts, routers).
         modules_to_save: extra modules trained in full and saved with the adapter; the module's own heads (a
             reward model's score head) are added automatically.
-        save_dir: where the adapter is saved at the end of training (default: `<default_root_dir>/adapter`);
-            with `merge_on_save`, a merged plain model is saved to `<save_dir>/merged` as well. With each
-            checkpoint the adapter is also saved beside it, as `adapter-step-N` in the checkpoint folder.
+        save_dir: where the adapter is saved at the end of training (default: `<default_root_dir>/adapter`;
+            without a `default_root_dir`, `adapter` in Lightning's checkpoint folder or the logger's version
+            folder); with `merge_on_save`, a merged plain model is saved to `<save_dir>/merged` as well. With each
+            checkpoint the adapter is also saved beside it, as `adapter-step-N` in the checkpoint folder. The
+            folder follows the export contract (`ExportPretrained`): checked when `fit` starts, new or empty
+            unless `overwrite=True` (or a resumed run replacing its own earlier adapter).
         init_adapter: a peft adapter folder to start from (for example the adapter export of an SFT run).
         init_mode: "continue" (the default) trains that adapter further, keeping its own rank and targets; "merge"
             merges it into the base weights and adds a fresh adapter (r, alpha, ...) on top.
@@ -115,6 +119,7 @@ class LoRA(L.Callback, ModelAdapter):
         init_adapter: str | None = None,
         init_mode: str = "continue",
         target_parameters: list[str] | None = None,
+        overwrite: bool = False,
     ):
         if init_mode not in INIT_MODES:
             raise ValueError(f"unknown init_mode {init_mode!r}; valid: {', '.join(INIT_MODES)}")
@@ -125,6 +130,7 @@ class LoRA(L.Callback, ModelAdapter):
         self.modules_to_save = list(modules_to_save or [])
         self.save_dir = save_dir
         self.merge_on_save = merge_on_save
+        self.overwrite = overwrite
         self.trainable_params = self.total_params = 0
         self.adapted_kinds: dict[str, int] = {}
 
@@ -200,7 +206,7 @@ class LoRA(L.Callback, ModelAdapter):
         return copy.deepcopy(model).merge_and_unload(adapter_names=["default"])
 
     def adapter_dir(self, trainer: L.Trainer) -> Path:
-        return Path(self.save_dir) if self.save_dir else Path(trainer.default_root_dir) / "adapter"
+        return Path(self.save_dir) if self.save_dir else run_output_dir(trainer, "adapter")
 
     def checkpoint_adapter_dir(self, trainer: L.Trainer) -> Path:
         """Where the adapter of a checkpoint goes: `adapter-step-N` in the checkpoint folder, or
@@ -223,7 +229,8 @@ class LoRA(L.Callback, ModelAdapter):
         # The peft config lets a reader rebuild the model around the trained weights.
         checkpoint["adapter_config"] = plain_data(pl_module.model.peft_config["default"].to_dict())
         if trainer.is_global_zero:  # an adapter folder beside the checkpoints, loadable without Lightning
-            pl_module.save_pretrained(self.checkpoint_adapter_dir(trainer))
+            folder = self.checkpoint_adapter_dir(trainer)
+            pl_module.save_pretrained(folder, overwrite=folder.is_dir() and holds_only_an_export(folder))
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         trained = [name for name, p in pl_module.named_parameters() if p.requires_grad]
@@ -234,11 +241,18 @@ class LoRA(L.Callback, ModelAdapter):
                 f"{missing[0]}); was it written with another adapter configuration?"
             )
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        folder = self.adapter_dir(trainer)
+        check_export_target(folder, may_replace(trainer, folder, self.overwrite), "adapter")
+
     def on_train_end(self, trainer, pl_module) -> None:
         path = self.adapter_dir(trainer)
-        pl_module.save_pretrained(path)
+        pl_module.save_pretrained(path, overwrite=may_replace(trainer, path, self.overwrite))
         if self.merge_on_save:
-            pl_module.save_pretrained(path / "merged", merge_adapter=True)
+            merged = path / "merged"
+            pl_module.save_pretrained(
+                merged, merge_adapter=True, overwrite=may_replace(trainer, merged, self.overwrite)
+            )
 
 
 class QLoRA(LoRA):
@@ -265,6 +279,7 @@ class QLoRA(LoRA):
         init_adapter: str | None = None,
         init_mode: str = "continue",
         target_parameters: list[str] | None = None,
+        overwrite: bool = False,
         quant_type: str = "nf4",
         double_quant: bool = True,
         compute_dtype: str = "bfloat16",
@@ -286,6 +301,7 @@ class QLoRA(LoRA):
             init_adapter,
             init_mode,
             target_parameters,
+            overwrite,
         )
         self.quant_type = quant_type
         self.double_quant = double_quant

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 
 from lightning_align.data.formats import chat_template_check
 from lightning_align.data.resume import EpochPermutation, ResumableLoader
-from lightning_align.data.sources import DataError, DataSource, Row, read_rows
-from lightning_align.data.tokenize import DroppedRow, adds_bos
+from lightning_align.data.sources import DataError, DataSource, Row, held_out_rows, read_rows
+from lightning_align.data.tokenize import IGNORE_INDEX, DroppedRow, adds_bos
 
 
 def load_tokenizer(name_or_path: str, chat_template: str | None = None, what: str = "tokenizer"):
@@ -49,6 +49,8 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None, what: st
 
 class AlignDataModule(L.LightningDataModule):
     """Reads `train_data` (and `val_data`, or a held-out share of train), encodes each row, batches them."""
+
+    batch_kind: str | None = None
 
     def __init__(
         self,
@@ -112,12 +114,31 @@ class AlignDataModule(L.LightningDataModule):
                 + "".join(f"; {n} {why}" for why, n in dropped.items())
                 + "".join(f"; {note}" for note in notes)
             )
+        self.count_unknown_tokens(kept, rows[0].source if rows else "")
         for what, n in self.row_counts.items():
             if "whitespace" in what and n:
                 rank_zero_warn(f"{rows[0].source}: {n} pairs whose chosen and rejected differ only in whitespace")
         if rows and not kept:
             raise DataError(f"{rows[0].source}: all {len(rows)} rows were dropped ({', '.join(dropped)})")
         return kept
+
+    def count_unknown_tokens(self, examples: list, source: str) -> None:
+        """Warn when the tokenizer could not represent the text: its unknown token in the scored tokens (prompt
+        tokens for prompt-only data) above `UNKNOWN_SHARE`, with the count."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None or not examples:
+            return
+        total = unknown = 0
+        for tokens in token_lists(examples):
+            scored = [t for t in tokens if t != IGNORE_INDEX]
+            total += len(scored)
+            unknown += scored.count(unk)
+        if total and unknown / total > UNKNOWN_SHARE:
+            rank_zero_warn(
+                f"{source}: {unknown} of {total} scored tokens ({unknown / total:.1%}) are the tokenizer's unknown "
+                f"token {self.tokenizer.unk_token!r}: '{self.tokenizer_name}' cannot represent that text (another "
+                "script, emoji?); the model learns to write unknown tokens there. Use a tokenizer that covers it"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -137,6 +158,10 @@ class AlignDataModule(L.LightningDataModule):
             train_rows = [train_rows[i] for i in sorted(order[n_val:])]
         else:
             val_rows = []
+            held_out = held_out_rows(self.train_data)
+            if held_out is not None:
+                split, val_rows = held_out
+                rank_zero_info(f"{self.train_data}: validating on its '{split}' split ({len(val_rows)} rows)")
         self.train_set = self.encode_rows(train_rows)
         self.val_set = self.encode_rows(val_rows)
 
@@ -189,4 +214,24 @@ class AlignDataModule(L.LightningDataModule):
         return resume["batches_done"]
 
     def val_dataloader(self) -> DataLoader | list:
+        if not self.val_set and self.trainer is not None and self.trainer.state.fn == "validate":
+            raise DataError(
+                f"{type(self).__name__} has no validation data, so validate would measure nothing: give val_data "
+                "(or val_fraction)"
+            )
         return self.loader(self.val_set, shuffle=False) if self.val_set else []
+
+
+# Above this share of unknown tokens in the scored text, a data set is warned about.
+UNKNOWN_SHARE = 0.01
+
+
+def token_lists(examples):
+    """Each example's scored token lists (`labels`, or `input_ids` where it has none, as a prompt has)."""
+    for example in examples:
+        if isinstance(example, list):
+            yield from token_lists(example)
+        elif isinstance(example, dict):
+            if "labels" in example or "input_ids" in example:
+                yield example.get("labels", example.get("input_ids"))
+            yield from token_lists([v for v in example.values() if isinstance(v, dict)])

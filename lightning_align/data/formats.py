@@ -34,6 +34,11 @@ def chat_messages(row: Row, field: str) -> list[dict]:
             raise DataError(f"{where}: expected an object with string 'role' and 'content'")
         if message["role"] not in CHAT_ROLES:
             raise DataError(f"{where}: unknown role '{message['role']}'; roles are {', '.join(CHAT_ROLES)}")
+        if "tool_calls" in message or message["role"] == "tool":
+            raise DataError(
+                f"{where}: tool calls and tool results are not supported in training rows yet; leave the rows that "
+                "use tools out (or write the call into the assistant's 'content' as text)"
+            )
         if not isinstance(message.get("content"), str):
             raise DataError(f"{where}: 'content' must be a string, got {type(message.get('content')).__name__}")
         if message["role"] == "assistant" and not message["content"].strip():
@@ -133,10 +138,20 @@ def preference_segments(row: Row, tokenizer) -> tuple[Segments, Segments, Segmen
         if field not in row.fields:
             present = ", ".join(sorted(row.fields)) or "none"
             raise DataError(f"{row.where()}: missing field '{field}' (fields present: {present})")
-    if isinstance(row.fields["chosen"], list):
+    conversational = [field for field in ("prompt", "chosen", "rejected") if isinstance(row.fields[field], list)]
+    if conversational and len(conversational) < 3:
+        plain = next(f for f in ("chosen", "rejected", "prompt") if f not in conversational)
+        raise DataError(
+            f"{row.where(plain)}: a {type(row.fields[plain]).__name__}, but {' and '.join(map(repr, conversational))} "
+            f"{'is a list' if len(conversational) == 1 else 'are lists'} of messages; in a conversational row all "
+            "three are message lists (chosen / rejected: the assistant's reply, "
+            '[{"role": "assistant", "content": "..."}]), in a plain one all three are strings'
+        )
+    if conversational:
         prompt = chat_messages(row, "prompt")
+        sides = {side: completion_messages(row, side, prompt) for side in ("chosen", "rejected")}
         chosen, rejected = (
-            render_chat(prompt + chat_messages(row, side), tokenizer, row, scored_from=len(prompt))
+            render_chat(prompt + sides[side], tokenizer, row, scored_from=len(prompt))
             for side in ("chosen", "rejected")
         )
         # Both renderings open with the same unscored text: the prompt and the generation prompt.
@@ -145,3 +160,17 @@ def preference_segments(row: Row, tokenizer) -> tuple[Segments, Segments, Segmen
         return [chosen[0]], chosen[1:], rejected[1:]
     prompt = text_field(row, "prompt", allow_empty=True)
     return [(prompt, False)], [(text_field(row, "chosen"), True)], [(text_field(row, "rejected"), True)]
+
+
+def completion_messages(row: Row, field: str, prompt: list[dict]) -> list[dict]:
+    """The messages of a conversational row's response field, refused if they repeat the prompt's turns (TRL's
+    implicit-prompt rows turned explicit without cutting the prompt from each response)."""
+    messages = chat_messages(row, field)
+    if messages[: len(prompt)] == prompt or messages[0]["role"] != "assistant":
+        raise DataError(
+            f"{row.where(field)}: starts with a {messages[0]['role']} turn"
+            + (", repeating the prompt's turns" if messages[: len(prompt)] == prompt else "")
+            + f"; with a separate 'prompt', '{field}' holds only what follows it (the assistant's reply). Drop the "
+            "repeated turns, or drop 'prompt' and give whole conversations as 'messages' rows"
+        )
+    return messages

@@ -40,6 +40,8 @@ class PreferenceDataModule(AlignDataModule):
         Other arguments as `SFTDataModule`.
     """
 
+    batch_kind = "preference"  # what it gives a module (`AlignModule.batch_kind`)
+
     def __init__(
         self,
         tokenizer: str,

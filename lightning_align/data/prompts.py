@@ -51,6 +51,8 @@ class PromptDataModule(AlignDataModule):
     fields reach reward functions as keyword arguments of the same names.
     """
 
+    batch_kind = "prompts"  # what it gives a module (`AlignModule.batch_kind`)
+
     def __init__(
         self,
         tokenizer: str,

@@ -28,6 +28,8 @@ class SFTDataModule(AlignDataModule):
             resume); `shuffle=False` keeps the file's order.
     """
 
+    batch_kind = "sft"  # what it gives a module (`AlignModule.batch_kind`)
+
     def __init__(
         self,
         tokenizer: str,

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_info
+
 DataSource = str | Path | Any  # a path, or a `datasets.Dataset`
 
 
@@ -44,6 +46,14 @@ def read_rows(source: DataSource) -> list[Row]:
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
                 raise DataError(f"{path}: a DatasetDict without a 'train' split; pass one split's folder")
+            others = [name for name in loaded if name != "train"]
+            rank_zero_info(
+                f"{path}: a DatasetDict; its 'train' split is read as this data"
+                + (
+                    f" (its other splits, {', '.join(others)}, only for validation when no val_data is given)"
+                    * bool(others)
+                )
+            )
             loaded = loaded["train"]
         return _dataset_rows(loaded, name=str(path))
     suffix = path.suffix.lower()
@@ -56,6 +66,26 @@ def read_rows(source: DataSource) -> list[Row]:
 
         return _checked_dicts(pq.read_table(path).to_pylist(), str(path))
     raise DataError(f"{path}: unknown data format '{suffix}'; use .jsonl, .json, .parquet or a datasets folder")
+
+
+def held_out_rows(source: DataSource) -> tuple[str, list[Row]] | None:
+    """A saved DatasetDict's held-out split (validation, valid, val or test, the first present): its name and
+    rows; None for any other source."""
+    from lightning_align.demos.assets import resolve_data
+
+    source = resolve_data(source)
+    if not isinstance(source, (str, Path)) or not Path(source).is_dir():
+        return None
+    import datasets
+
+    loaded = datasets.load_from_disk(str(source))
+    if not isinstance(loaded, datasets.DatasetDict):
+        return None
+    split = next((name for name in HELD_OUT_SPLITS if name in loaded), None)
+    return None if split is None else (split, _dataset_rows(loaded[split], name=f"{source} ({split} split)"))
+
+
+HELD_OUT_SPLITS = ("validation", "valid", "val", "test")
 
 
 def _jsonl_rows(path: Path) -> list[Row]:
@@ -82,6 +112,8 @@ def _json_rows(path: Path) -> list[Row]:
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and err.lineno > 1:  # one object a line: JSON Lines (`Dataset.to_json`'s default)
+            return _jsonl_rows(path)
         raise DataError(f"{path}: malformed JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     if not isinstance(content, list):
         raise DataError(f"{path}: expected a JSON list of row objects, got {type(content).__name__}")

@@ -6,7 +6,13 @@ import torch
 
 from lightning_align.data.base import AlignDataModule
 from lightning_align.data.collate import pad_collate
-from lightning_align.data.formats import chat_messages, preference_segments, render_chat, text_field
+from lightning_align.data.formats import (
+    chat_messages,
+    completion_messages,
+    preference_segments,
+    render_chat,
+    text_field,
+)
 from lightning_align.data.sources import DataError, DataSource, Row
 from lightning_align.data.tokenize import Truncation, encode_segments, truncate
 
@@ -68,6 +74,8 @@ class UnpairedPreferenceDataModule(AlignDataModule):
         Other arguments as `SFTDataModule`.
     """
 
+    batch_kind = "unpaired"  # what it gives a module (`AlignModule.batch_kind`)
+
     def __init__(
         self,
         tokenizer: str,
@@ -112,9 +120,14 @@ class UnpairedPreferenceDataModule(AlignDataModule):
             ]
         label = row.fields.get("label")
         if not isinstance(label, bool):
+            hint = ""
+            if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+                hint = f" (the string {label!r}; write the JSON boolean {label.strip().lower()}, without quotes)"
+            elif isinstance(label, int):
+                hint = f" (the number {label}; write the JSON boolean true or false)"
             raise DataError(
                 f"{row.where('label')}: expected true (desirable) or false (undesirable), got "
-                f"{'nothing' if label is None else repr(label)}"
+                f"{'nothing' if label is None else repr(label)}{hint}"
             )
         if "messages" in row.fields:
             messages = chat_messages(row, "messages")
@@ -123,7 +136,8 @@ class UnpairedPreferenceDataModule(AlignDataModule):
             return [self.example(render_chat(messages, self.tokenizer, row, len(messages) - 1), label, row, False)]
         if isinstance(row.fields.get("prompt"), list):
             prompt = chat_messages(row, "prompt")
-            segments = render_chat(prompt + chat_messages(row, "completion"), self.tokenizer, row, len(prompt))
+            completion = completion_messages(row, "completion", prompt)
+            segments = render_chat(prompt + completion, self.tokenizer, row, len(prompt))
             return [self.example(segments, label, row, False)]
         segments = [(text_field(row, "prompt", allow_empty=True), False), (text_field(row, "completion"), True)]
         return [self.example(segments, label, row, self.tokenizer_adds_bos)]

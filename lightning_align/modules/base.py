@@ -4,12 +4,7 @@ throughput logging and export in Hugging Face format."""
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +18,7 @@ from torch import nn
 from lightning_align.data.collate import pack_padded, right_padded
 from lightning_align.modules.attention import attention_within_examples, unwrapped
 from lightning_align.modules.scoring import ScoringPlan, output_weight
+from lightning_align.outputs import check_export_target, export_folder
 
 
 class ModelAdapter:
@@ -228,6 +224,13 @@ class AlignModule(L.LightningModule):
         )
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) else 10**9
+        if self.warmup_steps >= total:
+            reached = cosine_with_warmup(total - 1, self.warmup_steps, total, self.min_lr_ratio)
+            rank_zero_warn(
+                f"warmup_steps={self.warmup_steps} is not shorter than the run ({total} optimiser steps): the learning "
+                f"rate only reaches {reached:.0%} of learning_rate={self.learning_rate:g}; lower warmup_steps (a few "
+                "percent of the run is usual)"
+            )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: cosine_with_warmup(step, self.warmup_steps, total, self.min_lr_ratio)
         )
@@ -282,6 +285,17 @@ class AlignModule(L.LightningModule):
         self.rng_to_restore = checkpoint.get("rng")
 
     # ----- the batches a module is fed ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Before the model loads: a data module of another kind than the method trains on.
+        data_kind = getattr(self.trainer.datamodule, "batch_kind", None)
+        if data_kind is not None and data_kind != self.batch_kind:
+            raise ValueError(
+                f"{type(self).__name__} trains on {BATCH_KINDS[self.batch_kind]}, but "
+                f"{type(self.trainer.datamodule).__name__} gives {BATCH_KINDS[data_kind]}; use a "
+                f"{DATA_MODULES[self.batch_kind]}"
+                + (" (it also reads preference pairs, splitting each in two)" if self.batch_kind == "unpaired" else "")
+            )
+
     def check_batch(self, batch: dict) -> None:
         """Refuse, at the first batch, batches of another kind than the method needs (a `DPOModule` fed by an
         `SFTDataModule` would take each batch's halves as chosen and rejected)."""
@@ -332,6 +346,32 @@ class AlignModule(L.LightningModule):
         from lightning_align.callbacks.checkpoints import report_output_places
 
         report_output_places(self.trainer, "this run writes")
+        self.check_row_lengths()
+
+    # ----- rows the model cannot take ----------------------------------------------------------------------------
+    def longest_row(self) -> int | None:
+        """The most tokens a row of the data may have: the model's positions (None where it states none)."""
+        config = getattr(unwrapped(self.model), "config", None)
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    def check_row_lengths(self) -> None:
+        """Refuse, with a count, data whose rows the model has no positions for (a model past its positions
+        computes without a word, and learns nothing useful there)."""
+        limit = self.longest_row()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if limit is None or datamodule is None:
+            return
+        for split in ("train_set", "val_set"):
+            lengths = [max(sequence_lengths(example)) for example in getattr(datamodule, split, None) or []]
+            over = sum(n > limit for n in lengths)
+            if over:
+                raise ValueError(
+                    f"{over} of {len(lengths)} {split.removesuffix('_set')} rows are longer than the {limit} tokens "
+                    f"this model can take (longest: {max(lengths)}): {self.row_length_fix(limit)}"
+                )
+
+    def row_length_fix(self, limit: int) -> str:
+        return f"set the data module's max_length to at most {limit} (longer rows are then cut or dropped, counted)"
 
     def on_fit_end(self) -> None:
         from lightning_align.callbacks.checkpoints import report_output_places
@@ -360,25 +400,28 @@ class AlignModule(L.LightningModule):
         return self._trainer is not None and type(self.trainer.strategy).__name__ in SHARDING_STRATEGIES
 
     # ----- export ------------------------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, merge_adapter: bool = False) -> Path:
+    def save_pretrained(self, path: str | Path, merge_adapter: bool = False, overwrite: bool = False) -> Path:
         """Save in Hugging Face format: the adapter alone (peft format), or with `merge_adapter` a plain model
         folder that `from_pretrained` loads. The tokenizer is saved alongside when the model came from a folder.
 
-        The folder is written beside `path` and renamed into place when complete, so a crash while saving leaves
-        the previous export as it was."""
+        Writes only its own files (`lightning_align.outputs`): into a new or empty folder, complete or not at all
+        (written beside it and renamed into place); a folder that holds anything else is refused unless
+        `overwrite=True`, which replaces only the files an export writes; a path that is a file is refused."""
         path = Path(path)
+        check_export_target(path, overwrite)  # on every process, so all of them stop alike
         model = self.model
         adapter = self.adapter
         if merge_adapter and adapter is not None:
             model = adapter.merged_copy(model, self)
         if self._trainer is None or self.trainer.is_global_zero:  # one writer under several processes
-            with replaced_atomically(path) as staging:
+            with export_folder(path, overwrite) as staging:
                 if hasattr(model, "peft_config"):  # the trained adapter only, not a frozen start copy beside it
                     model.save_pretrained(staging, selected_adapters=["default"])
                     if self.model_name_or_path is not None:
                         name_base_model(staging, self.model_name_or_path)
                 else:
                     model.save_pretrained(staging)
+                (staging / "README.md").unlink(missing_ok=True)  # peft's empty model card: not ours to write
                 if self.model_name_or_path is not None:
                     save_tokenizer_from(self.model_name_or_path, staging)
         return path
@@ -481,24 +524,6 @@ def real_tokens(batch: dict) -> int:
     return int(batch["input_ids"].numel())
 
 
-@contextmanager
-def replaced_atomically(path: Path) -> Iterator[Path]:
-    """A staging folder beside `path` to write into; on success it replaces `path` by renames (the old folder is
-    removed only once the new one is in place), on failure it is removed and `path` is left untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    previous = path.parent / f".{path.name}.previous-{os.getpid()}"
-    if path.exists():
-        path.rename(previous)
-    staging.rename(path)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def name_base_model(adapter_folder: Path, name_or_path: str) -> None:
     """Record the base model as the user named it (peft writes the resolved folder, e.g. the demo's cache)."""
     import json
@@ -519,3 +544,11 @@ def save_tokenizer_from(name_or_path: str, path: Path) -> None:
         AutoTokenizer.from_pretrained(resolve_model(name_or_path)).save_pretrained(path)
     except (OSError, ValueError):
         rank_zero_info(f"no tokenizer saved with the model: none could be loaded from '{name_or_path}'")
+
+
+def sequence_lengths(example) -> list[int]:
+    """The lengths of every token sequence in an example (a pair has two; a prompt one)."""
+    if isinstance(example, dict):
+        own = [len(example["input_ids"])] if "input_ids" in example else []
+        return own + [n for value in example.values() if isinstance(value, dict) for n in sequence_lengths(value)]
+    return []

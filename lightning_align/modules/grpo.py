@@ -21,6 +21,7 @@ from lightning_align.losses import (
 from lightning_align.modules.base import ModelSource
 from lightning_align.modules.online import OnlineRLModule
 from lightning_align.modules.rewards import RewardSource
+from lightning_align.modules.signal import GroupBuffer, LearningSignal, groups_with_spread
 
 ADVANTAGES = ("grpo", "rloo", "reinforce++")
 
@@ -48,11 +49,17 @@ class GRPOModule(OnlineRLModule):
             and Dr. GRPO's finding), 0.01 for REINFORCE++.
         mask_truncated_completions: leave completions that hit `max_new_tokens` without EOS out of the loss
             (DAPO's overlong filtering).
+        dynamic_sampling: DAPO's dynamic sampling: groups whose samples all got the same reward (zero advantage)
+            are dropped, and the rollout batch is filled with the groups of the next prompts before learning.
+        max_batches_without_signal: stop with an error after this many rollout batches in a row without a
+            learning signal (every group's rewards equal, or every reward abstaining; with dynamic sampling, no
+            group kept); each one is warned about. None: never stop.
         Other arguments as `OnlineRLModule` (sampling, `max_grad_norm`, `disable_dropout`, `scoring_check`) and
         `AlignModule`.
 
     `max_steps` counts optimiser steps: `num_iterations * ceil(batch * num_generations / minibatch_size)` per
-    rollout batch (1 with the defaults).
+    rollout batch (1 with the defaults). `groups/zero_std` (TRL's `frac_reward_zero_std`) is the share of groups
+    whose rewards did not differ, logged every rollout batch.
     """
 
     def __init__(
@@ -69,6 +76,8 @@ class GRPOModule(OnlineRLModule):
         minibatch_size: int | None = None,
         beta: float | None = None,
         mask_truncated_completions: bool = False,
+        dynamic_sampling: bool = False,
+        max_batches_without_signal: int | None = 10,
         reward_weights: list[float] | None = None,
         reward_aggregation: str = "sum_then_normalize",
         max_new_tokens: int = 16,
@@ -108,6 +117,11 @@ class GRPOModule(OnlineRLModule):
         self.num_iterations, self.minibatch_size = num_iterations, minibatch_size
         self.beta = beta if beta is not None else (0.01 if advantage == "reinforce++" else 0.0)
         self.mask_truncated_completions = mask_truncated_completions
+        if max_batches_without_signal is not None and max_batches_without_signal < 1:
+            raise ValueError(f"max_batches_without_signal must be at least 1 or None, got {max_batches_without_signal}")
+        self.dynamic_sampling = dynamic_sampling
+        self.signal = LearningSignal(max_batches_without_signal)
+        self.kept_groups = GroupBuffer()
 
     @property
     def needs_reference(self) -> bool:
@@ -121,7 +135,29 @@ class GRPOModule(OnlineRLModule):
 
     @torch.no_grad()
     def rollout(self, batch: dict) -> dict:
-        rollout = self.sample(batch, self.num_generations)
+        return self.scored_rollout(self.sample(batch, self.num_generations))
+
+    def with_signal(self, rollout: dict) -> tuple[dict | None, float]:
+        """The rollout to learn from (with dynamic sampling: the kept groups once they fill a batch, else None)
+        and the share of its groups without reward spread; counts batches without a learning signal."""
+        group_size = self.num_generations
+        spread = groups_with_spread(rollout["reward"], group_size)
+        zero_std = float((~spread).float().mean())
+        if self.advantage == "reinforce++":  # one baseline for the whole batch
+            has_signal = bool(groups_with_spread(rollout["reward"], len(rollout["reward"])).all())
+        else:
+            has_signal = bool(spread.any())
+        self.signal.update(has_signal, rollout["reward"], "every group's samples got the same reward")
+        if not self.dynamic_sampling:
+            return rollout, zero_std
+        self.kept_groups.add(rollout, spread, group_size)
+        groups = len(rollout["sequences"]) // group_size
+        return self.kept_groups.full_batch(groups, group_size, self.tokenizer.pad_token_id), zero_std
+
+    @torch.no_grad()
+    def scored_rollout(self, rollout: dict) -> dict:
+        """A sampled rollout with what learning needs: pi_old where the policy moves, the reference's log-probs,
+        the advantages."""
         started = time.perf_counter()
         mask = rollout["mask"]
         if self.mask_truncated_completions:
@@ -192,7 +228,10 @@ class GRPOModule(OnlineRLModule):
         return {name: sum(values) / len(values) for name, values in totals.items()}
 
     def training_step(self, batch, batch_idx):
-        rollout = self.rollout(batch)
+        rollout, zero_std = self.with_signal(self.sample(batch, self.num_generations))
+        if rollout is None:  # dynamic sampling: not yet a batch of groups with spread
+            return
+        rollout = self.scored_rollout(rollout)
         learning = time.perf_counter()
         learned = self.learn(rollout)
         stats = self.reward_stats(rollout)
@@ -201,9 +240,7 @@ class GRPOModule(OnlineRLModule):
                 stats[name if name in ("loss", "entropy") else f"policy/{name}"] = learned[name]
         if "kl" in learned or "kl" in rollout:
             stats["kl"] = learned.get("kl", rollout.get("kl"))
-        if self.advantage != "reinforce++":
-            grouped = rollout["reward"].view(-1, self.num_generations)
-            stats["groups/zero_std"] = float((grouped.nan_to_num().std(1) == 0).float().mean())
+        stats["groups/zero_std"] = zero_std  # of the batch just sampled (dynamic sampling learns on kept groups)
         stats |= {
             "time/generate": rollout["time/generate"],
             "time/reward": rollout["time/reward"],

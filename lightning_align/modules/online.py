@@ -194,6 +194,28 @@ class OnlineRLModule(AlignModule):
         reference = self.reference.kind if self.reference is not None else "none (no KL term)"
         rank_zero_info(f"{type(self).__name__} reference: {reference}; rewards: {', '.join(self.rewards.names)}")
 
+    def longest_row(self) -> int | None:
+        # A prompt needs room for the response after it.
+        positions = super().longest_row()
+        return None if positions is None else positions - self.sampling["max_new_tokens"]
+
+    def row_length_fix(self, limit: int) -> str:
+        return (
+            f"the model has {limit + self.sampling['max_new_tokens']} positions and max_new_tokens="
+            f"{self.sampling['max_new_tokens']} follow each prompt; set the data module's max_length to at most "
+            f"{limit} (prompts are then cut from the left, counted) or lower max_new_tokens"
+        )
+
+    def configure_callbacks(self):
+        # Lightning's own check of this comes before any other hook, with a long traceback and no way forward.
+        if self.trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"{type(self).__name__} takes several optimiser steps per rollout batch itself, so "
+                f"accumulate_grad_batches={self.trainer.accumulate_grad_batches} cannot apply; remove it, and set the "
+                "samples per optimiser step with minibatch_size (and the rollout batch with the data's batch_size)"
+            )
+        return []
+
     def ensure_rewards(self) -> None:
         param = next(self.model.parameters())
         self.rewards.resolve(self.device, param.dtype if param.is_floating_point() else None)

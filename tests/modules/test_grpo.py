@@ -231,3 +231,74 @@ def test_each_estimator_raises_the_heldout_task_reward(advantage, sft_model, tas
     )
     print(f"{advantage}: held-out task reward {before:.3f} -> {after:.3f}")
     assert after > before + 0.08
+
+
+def constant_reward(prompts, completions):
+    return [1.0 for _ in completions]
+
+
+def abstaining_reward(prompts, completions):
+    return [None for _ in completions]
+
+
+@pytest.mark.parametrize("reward, seen", [(constant_reward, "same reward"), (abstaining_reward, "abstained")])
+def test_batches_without_a_learning_signal_are_warned_about_then_stop_the_run(
+    reward, seen, tiny_model, task_files, tmp_path
+):
+    records = Records()
+    module = GRPOModule(tiny_model, rewards=reward, num_generations=2, max_new_tokens=3, max_batches_without_signal=3)
+    dm = task_prompts(tiny_model, task_files, batch_size=4)
+    fit = trainer(tmp_path, max_steps=10, logger=records, limit_val_batches=0)
+    with pytest.warns(UserWarning, match=rf"without a learning signal \(2 in a row\).*{seen}"):
+        with pytest.raises(RuntimeError, match=rf"stopped: .*\(3 in a row\).*{seen}.*max_batches_without_signal=3"):
+            fit.fit(module, datamodule=dm)
+    logged = [m["train/groups/zero_std"] for _, m in records.rows if "train/groups/zero_std" in m]
+    assert logged == [1.0, 1.0]  # TRL's frac_reward_zero_std, every rollout batch
+
+
+def reward_for_sort_prompts_only(prompts, completions):
+    """Spread only on the sort prompts (a third of them): the others' groups teach nothing."""
+    return [float(len(c) % 3) if p.startswith("sort") else 0.5 for p, c in zip(prompts, completions)]
+
+
+def test_dynamic_sampling_learns_only_on_full_batches_of_groups_with_spread(tiny_model, task_files, tmp_path):
+    module = GRPOModule(
+        tiny_model, rewards=reward_for_sort_prompts_only, num_generations=4, max_new_tokens=6, dynamic_sampling=True
+    )
+    learned, sampled = [], []
+    score = module.scored_rollout
+    module.scored_rollout = lambda rollout: learned.append(rollout) or score(rollout)
+    sample = module.sample
+    module.sample = lambda batch, group_size: sampled.append(batch["prompts"]) or sample(batch, group_size)
+    dm = task_prompts(tiny_model, task_files, batch_size=6)
+    fit = trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    fit.fit(module, datamodule=dm)
+    assert fit.global_step == 2 and len(sampled) > 2  # more prompts were sampled than learned on
+    for rollout in learned:
+        groups = rollout["reward"].view(-1, 4)
+        assert len(groups) == 6 and (groups.std(1) > 0).all()  # a full batch, every group with spread
+        prompt = rollout["sequences"][:, : rollout["prompt_length"]]
+        assert ((prompt != module.tokenizer.pad_token_id) == rollout["attention_mask"][:, : prompt.shape[1]]).all()
+        texts = module.tokenizer.batch_decode(prompt, skip_special_tokens=True)
+        assert all(t.strip().startswith("sort") for t in texts)  # each group's prompt stayed with its samples
+
+
+def test_merged_rollouts_keep_each_samples_prompt_and_response(tiny_model, task_files, tmp_path):
+    from lightning_align.modules.signal import merged_rollouts
+
+    module = ready(GRPOModule(tiny_model, rewards=varied_reward, num_generations=2, max_new_tokens=5), [], tmp_path)
+    dm = task_prompts(tiny_model, task_files, batch_size=2)
+    parts = [module.sample(dm.collate(dm.train_set[i : i + 2]), 2) for i in (0, 40)]
+    merged = merged_rollouts(parts, module.tokenizer.pad_token_id)
+    row = 0
+    for part in parts:
+        for i in range(len(part["sequences"])):
+            keep = part["attention_mask"][i].bool()
+            assert torch.equal(
+                merged["sequences"][row][merged["attention_mask"][row].bool()], part["sequences"][i][keep]
+            )
+            n = part["mask"].shape[1]
+            assert torch.equal(merged["mask"][row, :n], part["mask"][i]) and merged["mask"][row, n:].sum() == 0
+            torch.testing.assert_close(merged["sampled_logprobs"][row, :n], part["sampled_logprobs"][i])
+            row += 1
+    assert merged["completions"] == parts[0]["completions"] + parts[1]["completions"]

@@ -63,12 +63,17 @@ def test_precomputed_reference_gives_the_same_loss_and_releases_the_network(sft_
     pre.model.load_state_dict(live.model.state_dict())
     batch = dm.collate(dm.train_set[3:11])  # fixed KL completions: the same rows as when they were scored
     assert "ref_logps" in batch and "ref_kl_logps" in batch
+    unscored = {k: v for k, v in batch.items() if not k.startswith("ref_")}
     with torch.no_grad():
         precomputed = pre.kto_step(batch)
-        computed = live.kto_step({k: v for k, v in batch.items() if not k.startswith("ref_")})
+        computed = live.kto_step(unscored)
+        ref_logps, ref_kl_logps = live.reference_logps(unscored)
     torch.testing.assert_close(precomputed["kl"], computed["kl"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(precomputed["losses"], computed["losses"], rtol=1e-4, atol=1e-5)
-    assert computed["kl"] != 0
+    # The KL point itself is clamped at 0 (often 0 here): its inputs, the mismatched rows' scores, are compared too.
+    torch.testing.assert_close(batch["ref_kl_logps"], ref_kl_logps, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batch["ref_logps"], ref_logps, rtol=1e-4, atol=1e-4)
+    assert (ref_kl_logps < -1).all()  # real scores of real rows, not zeros
 
 
 def test_a_class_balance_outside_the_papers_range_is_warned_with_the_weight_that_fixes_it(tiny_model, tmp_path):
