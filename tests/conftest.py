@@ -3,7 +3,16 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# The learning tests and the trained fixtures seed with TEST_SEED (0 unless set): benchmarks/learning_spread.py runs
+# them over other seeds and thread counts, as other machines would, and tabulates the gains they print.
+TEST_SEED = int(os.environ.get("LIGHTNING_ALIGN_TEST_SEED", "0"))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
+
+
+def report_gain(before: float, after: float, note: str = "") -> None:
+    """Print a learning test's measurement before and after training, in the line learning_spread.py reads."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    print(f"\nGAIN {test} {before:.4f} {after:.4f} {note}".rstrip())
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +129,7 @@ def sft_model(tiny_model, task_files, tmp_path_factory) -> str:
     from lightning_align import SFTDataModule, SFTModule
 
     root = tmp_path_factory.mktemp("sft")
-    L.seed_everything(0)
+    L.seed_everything(TEST_SEED)
     module = SFTModule(tiny_model, learning_rate=3e-3, warmup_steps=30)
     dm = SFTDataModule(tiny_model, task_files["sft_train"], batch_size=32, max_length=64)
     trainer(root, max_steps=600).fit(module, datamodule=dm)

@@ -52,11 +52,35 @@ def demo_home(tiny_model):
     return os.environ["LIGHTNING_ALIGN_HOME"]  # set by tiny_model: subprocesses reuse the built model and data
 
 
+def batch_runs(root: Path, commands: dict[str, list[str]]) -> dict[str, tuple[int | None, str, Path]]:
+    """Several commands run in one process (`cli_batch.py`), each in its folder under `root`: {name: (exit code,
+    what it logged, its folder)}; the exit code is None for a command the process never finished."""
+    import json
+
+    jobs = [{"cwd": str(root / name), "args": args} for name, args in commands.items()]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    subprocess.run([sys.executable, str(Path(__file__).with_name("cli_batch.py")), str(root / "jobs.json")], env=env)
+    runs = {}
+    for name in commands:
+        folder = root / name
+        code = int((folder / "exit_code").read_text()) if (folder / "exit_code").exists() else None
+        runs[name] = (code, (folder / "stderr.txt").read_text() if code is not None else "", folder)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def example_runs(demo_home, tmp_path_factory):
+    """Every example config's short run."""
+    commands = {c.stem: ["fit", "--config", str(c), *SHORT_RUN] for c in CONFIGS}
+    return batch_runs(tmp_path_factory.mktemp("examples"), commands)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_every_example_config_runs_and_logs_its_metrics_and_config_to_wandb(config, demo_home, tmp_path):
+def test_every_example_config_runs_and_logs_its_metrics_and_config_to_wandb(config, example_runs):
     method, variant = config.stem.split("_")
-    done = cli(["fit", "--config", str(config), *SHORT_RUN], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    returncode, stderr, tmp_path = example_runs[config.stem]
+    assert returncode == 0, stderr[-3000:] if returncode is not None else "the batch process stopped before it"
     (run_dir,) = (tmp_path / "runs" / config.stem / "wandb").glob("offline-run-*")
     config_logged, metrics = logged(run_dir)
     missing = [name for name in METRICS[method] if name not in metrics]
@@ -73,7 +97,7 @@ def test_every_example_config_runs_and_logs_its_metrics_and_config_to_wandb(conf
         assert metrics.get("samples/_type") == ["table-file"]
     assert (tmp_path / "runs" / config.stem / "export" / "config.json").is_file()  # the next stage's input
     assert (tmp_path / "runs" / config.stem / "checkpoints" / "last.ckpt").is_file()  # even a 2-step run resumes
-    assert f"checkpoints in runs/{config.stem}/checkpoints" in done.stderr  # said where things go
+    assert f"checkpoints in runs/{config.stem}/checkpoints" in stderr  # said where things go
 
 
 def test_resume_keeps_the_configs_method_and_refuses_another_methods_checkpoint(demo_home, tmp_path):
@@ -126,25 +150,31 @@ def test_print_config_round_trips_to_the_same_run(demo_home, tmp_path):
     assert len(losses[0]) == 2 and losses[0] == losses[1]
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--model.init_args.betaa=0.2"], "betaa"),
-        (["--model.beta=strong"], "beta"),
-        (["--model.loss_type=dpop"], "unknown loss_type 'dpop'; valid: sigmoid, ipo, hinge, robust, exo_pair"),
-        (["--data.train_data=missing.jsonl"], "missing.jsonl: no such file or folder"),
-        (["--model.model=no/such-model"], "'no/such-model' could not be loaded"),
-    ],
-    ids=["unknown-key", "wrong-type", "unknown-loss-type", "missing-file", "missing-model"],
-)
-def test_config_errors_end_with_a_clear_message_not_a_traceback(demo_home, tmp_path, args, message):
+CONFIG_ERRORS = {
+    "unknown-key": (["--model.init_args.betaa=0.2"], "betaa"),
+    "wrong-type": (["--model.beta=strong"], "beta"),
+    "unknown-loss-type": (["--model.loss_type=dpop"], "unknown loss_type 'dpop'; valid: sigmoid, ipo, hinge, robust"),
+    "missing-file": (["--data.train_data=missing.jsonl"], "missing.jsonl: no such file or folder"),
+    "missing-model": (["--model.model=no/such-model"], "'no/such-model' could not be loaded"),
+}
+
+
+@pytest.fixture(scope="module")
+def error_runs(demo_home, tmp_path_factory):
     config = next(c for c in CONFIGS if c.stem == "dpo_full")
-    done = cli(["fit", "--config", str(config), *SHORT_RUN, *args], tmp_path, timeout=120)
-    assert done.returncode != 0
-    assert message in done.stderr.strip().splitlines()[-1]  # one line names the problem, and it is the last
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    if args[0].startswith("--model.init_args.betaa") or args[0].startswith("--model.beta="):
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # no usage text before it
+    commands = {name: ["fit", "--config", str(config), *SHORT_RUN, *args] for name, (args, _) in CONFIG_ERRORS.items()}
+    return batch_runs(tmp_path_factory.mktemp("errors"), commands)
+
+
+@pytest.mark.parametrize("name", list(CONFIG_ERRORS))
+def test_config_errors_end_with_a_clear_message_not_a_traceback(name, error_runs):
+    returncode, stderr, _ = error_runs[name]
+    args, message = CONFIG_ERRORS[name]
+    assert returncode not in (0, None)
+    assert message in stderr.strip().splitlines()[-1]  # one line names the problem, and it is the last
+    assert "Traceback" not in stderr, stderr[-3000:]
+    if name in ("unknown-key", "wrong-type"):
+        assert len(stderr.strip().splitlines()) == 1, stderr  # no usage text before it
 
 
 GPU_CONFIGS = sorted((Path(__file__).parents[1] / "examples" / "configs" / "gpu").glob("*.yaml"))

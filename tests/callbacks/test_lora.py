@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_align import LoRA, QLoRA, SFTDataModule, SFTModule
-from tests.conftest import trainer
+from tests.conftest import TEST_SEED, report_gain, trainer
 
 IDS = torch.tensor([[1, 30, 31, 32, 40, 41], [1, 50, 51, 52, 53, 54]])
 
@@ -77,8 +77,10 @@ def test_lora_saves_the_adapter_with_each_checkpoint(tiny_model, plain_task_file
     assert checkpoint["adapter_config"]["r"] == 4
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_lora_runs_and_learns_under_bf16(tiny_model, plain_task_files, tmp_path, precision):
+    torch.manual_seed(TEST_SEED)  # the adapter's initialisation
     dm = SFTDataModule(
         tiny_model, plain_task_files["sft_train"], plain_task_files["sft_val"], batch_size=16, max_length=64
     )
@@ -89,13 +91,17 @@ def test_lora_runs_and_learns_under_bf16(tiny_model, plain_task_files, tmp_path,
     fit.fit(module, datamodule=dm)
     fit.validate(module, datamodule=dm)
     after = fit.callback_metrics["val/loss"].item()
+    report_gain(before, after)
     assert after < before - 0.5, (before, after)
     expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
     assert module.model.get_base_model().model.layers[0].mlp.up_proj.lora_A["default"].weight.dtype == expected
 
 
+@pytest.mark.learning
 def test_qlora_quantises_targeted_linears_to_4bit_and_trains(tiny_model, plain_task_files, tmp_path):
     import bitsandbytes as bnb
+
+    torch.manual_seed(TEST_SEED)
 
     dm = SFTDataModule(
         tiny_model, plain_task_files["sft_train"], plain_task_files["sft_val"], batch_size=16, max_length=64
@@ -110,6 +116,7 @@ def test_qlora_quantises_targeted_linears_to_4bit_and_trains(tiny_model, plain_t
     base = module.model.get_base_model()
     q_proj = base.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and q_proj.base_layer.weight.dtype == torch.uint8
+    report_gain(before, after)
     assert after < before - 0.5, (before, after)
     return module
 

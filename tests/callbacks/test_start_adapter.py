@@ -115,15 +115,27 @@ def test_reward_model_and_ppo_start_from_an_sft_adapter(tiny_model, sft_adapter,
         torch.testing.assert_close(chosen_rejected_logps(reference, batch)[0], sft[0], rtol=1e-5, atol=1e-4)
 
 
-class LossRecorder:
-    def __init__(self):
+class Recorder:
+    """The losses of a run, and its trained weights as training starts (after a checkpoint is restored) and after
+    optimiser step `at_step`."""
+
+    def __init__(self, at_step: int):
         import lightning as L
 
+        def trained(module):
+            return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
         class Record(L.Callback):
+            def on_train_start(inner, trainer, module):
+                self.at_start = trained(module)
+
             def on_train_batch_end(inner, trainer, module, outputs, batch, batch_idx):
                 self.losses.append(outputs["loss"].item())
+                if trainer.global_step == at_step:
+                    self.at_step = trained(module)
 
         self.losses: list[float] = []
+        self.at_start = self.at_step = None
         self.callback = Record()
 
 
@@ -137,10 +149,11 @@ def test_resuming_an_adapter_run_restores_the_trained_adapter(tiny_model, sft_ad
     dm.setup("fit")
     batches = [dm.collate(dm.train_set[i * 8 : (i + 1) * 8]) for i in range(4)]
     loader = torch.utils.data.DataLoader(batches, batch_size=None)  # a plain loader, same order every epoch
+    learning_rate = 1e-3
 
     def run(max_steps, ckpt_path=None):
         L.seed_everything(0)
-        record = LossRecorder()
+        record = Recorder(at_step=4)
         checkpoints = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
         fit = trainer(
             tmp_path,
@@ -148,12 +161,16 @@ def test_resuming_an_adapter_run_restores_the_trained_adapter(tiny_model, sft_ad
             enable_checkpointing=True,
             callbacks=[LoRA(init_adapter=sft_adapter), checkpoints, record.callback],
         )
-        fit.fit(SFTModule(tiny_model, learning_rate=1e-3), train_dataloaders=loader, ckpt_path=ckpt_path)
-        return record.losses
+        fit.fit(SFTModule(tiny_model, learning_rate=learning_rate), train_dataloaders=loader, ckpt_path=ckpt_path)
+        return record
 
     whole = run(8)
     resumed = run(8, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
-    assert len(whole) == 8 and len(resumed) == 4
-    # Batch 0 again after 4 steps: a different loss. A re-created adapter would give whole[0] again on resume.
-    assert abs(whole[4] - whole[0]) > 1e-3
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(whole[4:]), rtol=1e-5, atol=1e-6)
+    assert len(whole.losses) == 8 and len(resumed.losses) == 4
+    # A re-created adapter would start again from the start adapter. AdamW moves every weight with a gradient by
+    # about the learning rate each step, whatever the machine's rounding, so 4 steps set them clearly apart.
+    moved = max((whole.at_step[n] - whole.at_start[n]).abs().max().item() for n in whole.at_start)
+    assert moved > learning_rate / 2
+    for name, value in resumed.at_start.items():
+        torch.testing.assert_close(value, whole.at_step[name], rtol=0, atol=0)
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(whole.losses[4:]), rtol=1e-5, atol=1e-6)

@@ -9,7 +9,7 @@ import torch
 from lightning_align import DPOModule, LoRA, PreferenceDataModule
 from lightning_align.losses import DPO_LOSS_TYPES
 from lightning_align.modules.dpo import chosen_rejected_logps
-from tests.conftest import trainer
+from tests.conftest import TEST_SEED, report_gain, trainer
 
 
 def preference_data(model_path, task_files, batch_size=8):
@@ -95,10 +95,11 @@ def chosen_rate(model, tokenizer, task_files) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_dpo_raises_heldout_reward_accuracy_and_the_greedy_chosen_rate(sft_model, task_files, tmp_path):
     import lightning as L
 
-    L.seed_everything(0)
+    L.seed_everything(TEST_SEED)
     dm = preference_data(sft_model, task_files, batch_size=16)
     # rpo_alpha keeps the chosen answers likely while the verbose style is pushed down (Pang et al. 2024).
     module = DPOModule(sft_model, beta=0.1, learning_rate=1e-4, warmup_steps=10, rpo_alpha=1.0)
@@ -110,10 +111,7 @@ def test_dpo_raises_heldout_reward_accuracy_and_the_greedy_chosen_rate(sft_model
     fit.validate(module, datamodule=dm)
     after = {k: v.item() for k, v in fit.callback_metrics.items()}
     rate_after = chosen_rate(module.model, dm.tokenizer, task_files)
-    print(
-        f"DPO held-out reward accuracy {before['val/rewards/accuracies']:.3f} -> {after['val/rewards/accuracies']:.3f}"
-        f", greedy answer is the chosen one {rate_before:.3f} -> {rate_after:.3f}"
-    )
+    report_gain(rate_before, rate_after, f"accuracy {after['val/rewards/accuracies']:.3f}")
     assert before["val/rewards/accuracies"] == 0  # policy == reference: no pair is ranked yet
     assert after["val/rewards/accuracies"] > 0.7 and after["val/rewards/margins"] > 0
     assert rate_after > rate_before + 0.08 and rate_after > 1.5 * rate_before

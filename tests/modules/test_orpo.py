@@ -8,7 +8,7 @@ import torch
 from lightning_align import LoRA, ORPOModule, PreferenceDataModule, QLoRA
 from lightning_align.losses import orpo_loss
 from lightning_align.modules.dpo import chosen_rejected_logps
-from tests.conftest import trainer
+from tests.conftest import TEST_SEED, report_gain, trainer
 
 
 def preference_data(model_path, task_files, batch_size=16):
@@ -42,11 +42,12 @@ def test_orpos_own_settings_are_refused(name):
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 @pytest.mark.parametrize("adapter", [None, "lora", "qlora"])
 def test_orpo_raises_heldout_preference_accuracy(adapter, tiny_model, sft_model, task_files, tmp_path):
     """In full from the base model (ORPO's single stage); with an adapter from the SFT model (a random tiny
     model's low-rank update learns too slowly to measure in a test)."""
-    L.seed_everything(0)
+    L.seed_everything(TEST_SEED)
     callbacks = {None: [], "lora": [LoRA(r=8)], "qlora": [QLoRA(r=8)]}[adapter]
     start = tiny_model if adapter is None else sft_model
     module = ORPOModule(start, learning_rate=3e-3 if adapter is None else 1e-2, warmup_steps=10)
@@ -57,6 +58,6 @@ def test_orpo_raises_heldout_preference_accuracy(adapter, tiny_model, sft_model,
     fit.fit(module, datamodule=dm)
     fit.validate(module, datamodule=dm, verbose=False)
     after = {name: fit.callback_metrics[f"val/{name}"].item() for name in ("rewards/accuracies", "log_odds_ratio")}
-    print(f"ORPO ({adapter}): held-out {before} -> {after}")
+    report_gain(before["rewards/accuracies"], after["rewards/accuracies"], f"log odds {after['log_odds_ratio']:.3f}")
     assert after["rewards/accuracies"] > before["rewards/accuracies"] + 0.08
     assert after["log_odds_ratio"] > before["log_odds_ratio"] + 0.5

@@ -8,7 +8,7 @@ from lightning_align.modules.base import body_of
 from lightning_align.modules.online import response_forward
 from lightning_align.modules.ppo import AdaptiveKLController, response_mask
 from lightning_align.modules.scoring import SAFE_PLAN
-from tests.conftest import ready, task_prompts, trainer
+from tests.conftest import TEST_SEED, ready, report_gain, task_prompts, trainer
 
 
 def starts_with_one(prompts, completions):
@@ -137,7 +137,7 @@ def train_on_the_task_reward(sft_model, task_files, tmp_path, callbacks=(), max_
 
     from lightning_align.demos import task_reward
 
-    L.seed_everything(0)
+    L.seed_everything(TEST_SEED)
     dm = PromptDataModule(
         sft_model, task_files["prompts_train"], task_files["prompts_val"], batch_size=32, apply_chat_template=False
     )
@@ -152,28 +152,31 @@ def train_on_the_task_reward(sft_model, task_files, tmp_path, callbacks=(), max_
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_ppo_raises_the_heldout_task_reward_with_bounded_kl(sft_model, task_files, tmp_path):
     module, before, after, logged = train_on_the_task_reward(
         sft_model, task_files, tmp_path, max_steps=300, learning_rate=5e-4
     )
-    print(f"PPO held-out task reward {before:.3f} -> {after:.3f}, KL {logged['kl']:.2f}")
+    report_gain(before, after, f"KL {logged['kl']:.2f}")
     assert set(logged) == set(METRICS)
     assert after > before + 0.12 and after > 2 * before
     assert 0 <= logged["kl"] < 5  # summed over the response, in nats
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_ppo_with_lora_raises_the_heldout_task_reward_too(sft_model, task_files, tmp_path):
     module, before, after, logged = train_on_the_task_reward(
         sft_model, task_files, tmp_path, [LoRA(r=8)], max_steps=400, learning_rate=2e-3
     )
-    print(f"PPO + LoRA held-out task reward {before:.3f} -> {after:.3f}, KL {logged['kl']:.2f}")
+    report_gain(before, after, f"KL {logged['kl']:.2f}")
     assert module.reference.kind == "adapter-disabled base"
     assert after > before + 0.12 and 0 <= logged["kl"] < 5
 
 
+@pytest.mark.learning
 def test_ppo_learns_a_simple_reward_fast(sft_model, task_files, tmp_path):
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     dm = PromptDataModule(
         sft_model, task_files["prompts_train"], task_files["prompts_val"], batch_size=32, apply_chat_template=False
     )
@@ -184,7 +187,7 @@ def test_ppo_learns_a_simple_reward_fast(sft_model, task_files, tmp_path):
     fit.fit(module, datamodule=dm)
     fit.validate(module, datamodule=dm)
     after = fit.callback_metrics["val/reward"].item()
-    print(f"PPO held-out reward (completion starts with 1): {before:.3f} -> {after:.3f}")
+    report_gain(before, after)
     assert after > before + 0.3
 
 

@@ -1,10 +1,11 @@
 """RewardModule: learning to rank the demo pairs, scoring text, LoRA keeps the score head, HF export."""
 
+import lightning as L
 import pytest
 import torch
 
 from lightning_align import LoRA, PreferenceDataModule, RewardModule
-from tests.conftest import ready, trainer
+from tests.conftest import TEST_SEED, ready, report_gain, trainer
 
 
 def preference_data(model_path, task_files, batch_size=16):
@@ -14,7 +15,9 @@ def preference_data(model_path, task_files, batch_size=16):
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_reward_model_reaches_clearly_above_chance_heldout_pair_accuracy(sft_model, task_files, tmp_path):
+    L.seed_everything(TEST_SEED)  # the new score head
     dm = preference_data(sft_model, task_files)
     module = RewardModule(sft_model, learning_rate=1e-3, warmup_steps=20)
     fit = trainer(tmp_path, max_steps=500)
@@ -23,7 +26,7 @@ def test_reward_model_reaches_clearly_above_chance_heldout_pair_accuracy(sft_mod
     fit.fit(module, datamodule=dm)
     fit.validate(module, datamodule=dm)
     after = fit.callback_metrics["val/accuracy"].item()
-    print(f"reward model held-out pair accuracy {before:.3f} -> {after:.3f}")
+    report_gain(before, after)
     assert after > 0.65 and after > before + 0.1
     assert fit.callback_metrics["val/margin"] > 0
 

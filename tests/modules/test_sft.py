@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from lightning_align import SFTDataModule, SFTModule
 from lightning_align.data.collate import pad_collate
 from lightning_align.demos import task_accuracy
-from tests.conftest import trainer
+from tests.conftest import TEST_SEED, report_gain, trainer
 
 
 def test_completion_only_loss_equals_hand_computation(tiny_model, task_files):
@@ -75,10 +75,11 @@ def test_val_loss_is_token_weighted_over_the_whole_set_and_perplexity_its_exp(ti
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_sft_raises_heldout_task_accuracy(tiny_model, tokenizer, plain_task_files, tmp_path):
     import lightning as L
 
-    L.seed_everything(0)  # the tiny model's learning curve has a sharp step whose timing depends on the seed
+    L.seed_everything(TEST_SEED)  # the tiny model's learning curve has a sharp step whose timing depends on the seed
     prompts = [json.loads(line)["prompt"] for line in open(plain_task_files["sft_val"])][:150]
     dm = SFTDataModule(
         tiny_model, plain_task_files["sft_train"], plain_task_files["sft_val"], batch_size=32, max_length=64
@@ -89,7 +90,7 @@ def test_sft_raises_heldout_task_accuracy(tiny_model, tokenizer, plain_task_file
     before = task_accuracy(module.model, tokenizer, prompts)
     fit.fit(module, datamodule=dm)
     after = task_accuracy(module.model, tokenizer, prompts)
-    print(f"SFT held-out accuracy: {before:.3f} -> {after:.3f}")
+    report_gain(before, after)
     assert before < 0.05 and after > before + 0.3
     assert fit.callback_metrics["train/tokens_per_sec"] > 0
 
