@@ -119,6 +119,8 @@ class GRPOModule(OnlineRLModule):
         self.mask_truncated_completions = mask_truncated_completions
         if max_batches_without_signal is not None and max_batches_without_signal < 1:
             raise ValueError(f"max_batches_without_signal must be at least 1 or None, got {max_batches_without_signal}")
+        if dynamic_sampling and num_generations < 2:
+            raise ValueError("dynamic_sampling keeps the groups whose samples differ: num_generations must be >= 2")
         self.dynamic_sampling = dynamic_sampling
         self.signal = LearningSignal(max_batches_without_signal)
         self.kept_groups = GroupBuffer()
@@ -126,6 +128,14 @@ class GRPOModule(OnlineRLModule):
     @property
     def needs_reference(self) -> bool:
         return self.beta != 0
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.dynamic_sampling and self.trainer.world_size > 1:
+            raise ValueError(
+                "dynamic_sampling fills each process's batch at its own pace, so the processes would step apart; it "
+                "runs on one process for now"
+            )
 
     # ----- rollout -----------------------------------------------------------------------------------------------
     def several_steps(self, samples: int) -> bool:
@@ -147,6 +157,8 @@ class GRPOModule(OnlineRLModule):
             has_signal = bool(groups_with_spread(rollout["reward"], len(rollout["reward"])).all())
         else:
             has_signal = bool(spread.any())
+        if self._trainer is not None:  # every process stops (or not) alike
+            has_signal = self.trainer.strategy.reduce_boolean_decision(has_signal, all=False)
         self.signal.update(has_signal, rollout["reward"], "every group's samples got the same reward")
         if not self.dynamic_sampling:
             return rollout, zero_std

@@ -131,7 +131,9 @@ METRICS = (
 )
 
 
-def train_on_the_task_reward(sft_model, task_files, tmp_path, callbacks=(), max_steps=200, **options):
+def train_on_the_task_reward(
+    sft_model, task_files, tmp_path, callbacks=(), max_steps=200, kl_coef=0.1, val_batches=None, **options
+):
     """Held-out mean task reward of greedy answers before and after PPO, and the last logged step metrics."""
     import lightning as L
 
@@ -141,8 +143,8 @@ def train_on_the_task_reward(sft_model, task_files, tmp_path, callbacks=(), max_
     dm = PromptDataModule(
         sft_model, task_files["prompts_train"], task_files["prompts_val"], batch_size=32, apply_chat_template=False
     )
-    module = PPOModule(sft_model, reward=task_reward, max_new_tokens=12, kl_coef=0.1, **options)
-    fit = trainer(tmp_path, max_steps=max_steps, limit_val_batches=4, callbacks=list(callbacks))
+    module = PPOModule(sft_model, reward=task_reward, max_new_tokens=12, kl_coef=kl_coef, **options)
+    fit = trainer(tmp_path, max_steps=max_steps, limit_val_batches=val_batches, callbacks=list(callbacks))
     fit.validate(module, datamodule=dm)
     before = fit.callback_metrics["val/reward"].item()
     fit.fit(module, datamodule=dm)
@@ -154,8 +156,10 @@ def train_on_the_task_reward(sft_model, task_files, tmp_path, callbacks=(), max_
 @pytest.mark.slow
 @pytest.mark.learning
 def test_ppo_raises_the_heldout_task_reward_with_bounded_kl(sft_model, task_files, tmp_path):
+    # 800 steps at kl_coef 0.05, validated on all 200 held-out prompts: at 300 steps and 0.1 on 128 prompts the
+    # result swung with the machine's rounding (benchmarks/NOTES.md, "Learning tests across machines").
     module, before, after, logged = train_on_the_task_reward(
-        sft_model, task_files, tmp_path, max_steps=300, learning_rate=5e-4
+        sft_model, task_files, tmp_path, max_steps=800, learning_rate=5e-4, kl_coef=0.05
     )
     report_gain(before, after, f"KL {logged['kl']:.2f}")
     assert set(logged) == set(METRICS)
