@@ -41,7 +41,7 @@ gpu-check: $(VENV)/.bench
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check lightning_align tests examples benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) runs
