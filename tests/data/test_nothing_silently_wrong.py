@@ -107,7 +107,8 @@ def test_preference_modules_refuse_sft_batches_at_the_first_batch(tiny_model, ta
 
 def test_sft_refuses_preference_batches(tiny_model, task_files, tmp_path):
     dm = PreferenceDataModule(tiny_model, task_files["preference_train"], batch_size=4, max_length=48)
-    with pytest.raises(ValueError, match="SFTModule trains on token sequences with labels, but the data gives pref"):
+    refused = "SFTModule trains on token sequences with labels, but PreferenceDataModule gives pref"
+    with pytest.raises(ValueError, match=refused):
         trainer(tmp_path, max_steps=1).fit(SFTModule(tiny_model), datamodule=dm)
 
 
@@ -136,7 +137,7 @@ def test_a_crash_while_exporting_leaves_the_previous_export_readable(tiny_model,
 
     monkeypatch.setattr(type(module.model), "save_pretrained", crash_half_way)
     with pytest.raises(OSError, match="disk full"):
-        module.save_pretrained(export)
+        module.save_pretrained(export, overwrite=True)
     assert (export / "model.safetensors").read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no half-written folder left beside it
     AutoModelForCausalLM.from_pretrained(export)

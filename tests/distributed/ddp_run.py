@@ -63,8 +63,9 @@ def main(out: Path, devices: int) -> None:
     for name in os.environ.get("DDP_CASES", ",".join(CASES)).split(","):
         L.seed_everything(0)
         module, dm, metric = case(name, 8 // devices)
-        callbacks = [LoRA(r=4, save_dir=str(out / name / "adapter"))] if name.endswith("lora") else []
-        callbacks += [ExportPretrained(str(out / name / "export"), merge_adapter=False)]
+        run = out / name / str(devices)  # each run's outputs in a folder of its own
+        callbacks = [LoRA(r=4, save_dir=str(run / "adapter"))] if name.endswith("lora") else []
+        callbacks += [ExportPretrained(str(run / "export"), merge_adapter=False)]
         callbacks += [GenerationSamples(every_n_steps=2, num_samples=4, max_new_tokens=4)] if name == "sft" else []
         trainer = L.Trainer(
             accelerator="cpu",

@@ -49,4 +49,4 @@ def test_only_the_first_process_writes_exports_and_samples(runs, devices):
     rows = list(csv.DictReader(open(runs / "sft" / str(devices) / "version_0" / "samples.csv")))
     assert [r["step"] for r in rows] == ["2"] * 4 + ["3"] * 4  # once per logging step, not once per process
     for case in CASES:
-        assert (runs / case / "export").is_dir()
+        assert (runs / case / str(devices) / "export").is_dir()
