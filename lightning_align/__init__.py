@@ -13,6 +13,8 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: "litlogger" not in record.getMessage()
 )
 
+# Last: the demos register their bundled names (`lightning_align.assets`); no library module imports them.
+from lightning_align import demos  # noqa: E402, F401
 from lightning_align.callbacks import (  # noqa: E402
     ExportPretrained,
     GenerationSamples,

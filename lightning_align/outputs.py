@@ -140,3 +140,25 @@ def may_replace(trainer, folder: Path, overwrite: bool) -> bool:
     """Whether an end-of-training save may write over what `folder` holds: when told to, or when a resumed run
     replaces an export that an earlier part of it wrote there (and nothing else)."""
     return overwrite or (trainer.ckpt_path is not None and folder.is_dir() and holds_only_an_export(folder))
+
+
+def output_places(trainer) -> list[str]:
+    """Where this run writes what a user keeps: checkpoints, and what the callbacks that write into folders of
+    their own name (`output_place`: exports, adapters)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    places = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            places.append(f"checkpoints in {callback.dirpath}")
+        elif hasattr(callback, "output_place"):
+            places.append(callback.output_place(trainer))
+    return places
+
+
+def report_output_places(trainer, when: str) -> None:
+    from lightning.pytorch.utilities import rank_zero_info
+
+    places = output_places(trainer)
+    if places:
+        rank_zero_info(f"{when}: " + "; ".join(places))

@@ -125,7 +125,7 @@ def test_the_depth_shortcut_equals_building_every_layer(llama_config, monkeypatc
     ]:
         shortcut = plan_run(spec)
         assert any("measured at 2, 3, 4 layers" in note for note in shortcut.notes)
-        monkeypatch.setattr(planner, "SHALLOW_DEPTHS", (10, 11, 12))  # deeper than the model: every layer is built
+        monkeypatch.setattr(planner.step, "SHALLOW_DEPTHS", (10, 11, 12))  # deeper than the model: every layer is built
         full = plan_run(spec)
         monkeypatch.undo()
         assert shortcut.parts == full.parts and shortcut.total_params == full.total_params
@@ -278,3 +278,34 @@ def test_gpu_check_says_it_skipped_without_cuda(monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["gpu_check"])
     gpu_check.main()
     assert "no CUDA device visible to this torch build; skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "method, module_class",
+    [
+        ("sft", "SFTModule"),
+        ("dpo", "DPOModule"),
+        ("kto", "KTOModule"),
+        ("reward", "RewardModule"),
+        ("grpo", "GRPOModule"),
+    ],
+)
+def test_the_planner_runs_the_modules_own_step(llama_config, monkeypatch, method, module_class):
+    # No copy of the step in the planner: a module whose step holds 32 MiB more until its backward is planned
+    # with them, without any change to the planner.
+    import lightning_align.modules as modules
+
+    spec = RunSpec(llama_config, method=method, micro_batch=2, max_length=32, scoring_check="off")
+    before = plan_run(spec)
+    cls = getattr(modules, module_class)
+    own = cls.step_loss
+    extra = 32 * 2**20
+
+    def holding_more(self, batch):
+        held = torch.zeros(extra // 4)  # kept for the backward of the product below
+        return (own(self, batch) * held).mean()
+
+    monkeypatch.setattr(cls, "step_loss", holding_more)
+    after = plan_run(spec)
+    assert after.peak - before.peak >= extra
+    assert after.parts["weights"] == before.parts["weights"]

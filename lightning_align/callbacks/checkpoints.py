@@ -1,4 +1,4 @@
-"""One resumable checkpoint per run directory, and a word on where a run's outputs go."""
+"""One resumable checkpoint per run directory."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -55,25 +54,3 @@ class LastCheckpoint(ModelCheckpoint):
         if trainer.global_step != self._last_global_step_saved:
             trainer.save_checkpoint(str(self.last_path(trainer)))
             self._last_global_step_saved = trainer.global_step
-
-
-def output_places(trainer: L.Trainer) -> list[str]:
-    """Where this run writes what a user keeps: checkpoints, exports, adapters, samples."""
-    from lightning_align.callbacks.export import ExportPretrained
-    from lightning_align.callbacks.lora import LoRA
-
-    places = []
-    for callback in trainer.callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            places.append(f"checkpoints in {callback.dirpath}")
-        elif isinstance(callback, ExportPretrained):
-            places.append(f"export in {callback.export_dir(trainer)}")
-        elif isinstance(callback, LoRA):
-            places.append(f"adapter in {callback.adapter_dir(trainer)}")
-    return places
-
-
-def report_output_places(trainer: L.Trainer, when: str) -> None:
-    places = output_places(trainer)
-    if places:
-        rank_zero_info(f"{when}: " + "; ".join(places))

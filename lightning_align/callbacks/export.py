@@ -31,6 +31,9 @@ class ExportPretrained(L.Callback):
     def export_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else run_output_dir(trainer, "export")
 
+    def output_place(self, trainer: L.Trainer) -> str:
+        return f"export in {self.export_dir(trainer)}"
+
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         check_export_target(self.export_dir(trainer), may_replace(trainer, self.export_dir(trainer), self.overwrite))
 

@@ -208,6 +208,9 @@ class LoRA(L.Callback, ModelAdapter):
     def adapter_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.save_dir) if self.save_dir else run_output_dir(trainer, "adapter")
 
+    def output_place(self, trainer: L.Trainer) -> str:
+        return f"adapter in {self.adapter_dir(trainer)}"
+
     def checkpoint_adapter_dir(self, trainer: L.Trainer) -> Path:
         """Where the adapter of a checkpoint goes: `adapter-step-N` in the checkpoint folder, or
         `<adapter_dir>/step-N` without a checkpoint callback."""

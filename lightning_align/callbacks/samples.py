@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_align.data.sources import DataSource, read_rows
+from lightning_align.modules.sampling import generate_completions
 
 
 def prompt_text(fields: dict, tokenizer) -> str:
@@ -111,8 +112,6 @@ class GenerationSamples(L.Callback):
         return combined
 
     def log_samples(self, trainer: L.Trainer, pl_module) -> None:
-        from lightning_align.demos.evaluate import generate_completions
-
         if not hasattr(pl_module.model, "generate"):
             rank_zero_warn(f"GenerationSamples: {type(pl_module.model).__name__} does not generate text; skipped")
             return

@@ -21,7 +21,7 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None, what: st
     the setting the name came from in errors ("model" when a module loads its model's tokenizer)."""
     from transformers import AutoTokenizer
 
-    from lightning_align.demos.assets import hub_problem, resolve_model, why_not_loaded
+    from lightning_align.assets import hub_problem, resolve_model, why_not_loaded
 
     path = resolve_model(name_or_path)
     problem = hub_problem(str(path))

@@ -31,7 +31,7 @@ class Row:
 
 
 def read_rows(source: DataSource) -> list[Row]:
-    from lightning_align.demos.assets import resolve_data
+    from lightning_align.assets import resolve_data
 
     source = resolve_data(source)
     if not isinstance(source, (str, Path)):
@@ -71,7 +71,7 @@ def read_rows(source: DataSource) -> list[Row]:
 def held_out_rows(source: DataSource) -> tuple[str, list[Row]] | None:
     """A saved DatasetDict's held-out split (validation, valid, val or test, the first present): its name and
     rows; None for any other source."""
-    from lightning_align.demos.assets import resolve_data
+    from lightning_align.assets import resolve_data
 
     source = resolve_data(source)
     if not isinstance(source, (str, Path)) or not Path(source).is_dir():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,13 +13,13 @@ from typing import TYPE_CHECKING
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_align.data.collate import pack_padded, right_padded
-from lightning_align.modules.attention import attention_within_examples, unwrapped
-from lightning_align.modules.scoring import ScoringPlan, output_weight
-from lightning_align.outputs import check_export_target, export_folder
+from lightning_align.modules.batches import BATCH_KINDS, DATA_MODULES, batch_kind, real_tokens, sequence_lengths
+from lightning_align.modules.pretrained import disable_dropout, load_pretrained, name_base_model, save_tokenizer_from
+from lightning_align.outputs import check_export_target, export_folder, report_output_places
+from lightning_align.scoring.model import unwrapped
 
 
 class ModelAdapter:
@@ -46,57 +47,6 @@ else:
     # A model name or folder, or an `nn.Module` instance. The CLI reads the annotation at run time, where it is `str`:
     # as `str | nn.Module` its help listed every `nn.Module` subclass in the process (over 500 lines).
     ModelSource = str
-
-
-BATCH_KINDS = {
-    "sft": "token sequences with labels",
-    "preference": "preference pairs (chosen and rejected responses)",
-    "prompts": "prompts to sample from",
-    "unpaired": "answers marked desirable or undesirable",
-    "unknown": "batches without input_ids",
-}
-DATA_MODULES = {
-    "sft": "SFTDataModule",
-    "preference": "PreferenceDataModule",
-    "prompts": "PromptDataModule",
-    "unpaired": "UnpairedPreferenceDataModule",
-}
-
-
-def batch_kind(batch: dict) -> str:
-    if "pairs" in batch:
-        return "preference"
-    if "prompts" in batch:
-        return "prompts"
-    if "desirable" in batch:
-        return "unpaired"
-    return "sft" if "input_ids" in batch and "labels" in batch else "unknown"
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout off everywhere in `model`: dropout layers (LoRA's included) and the dropout rates that Hugging Face
-    attention modules keep as plain numbers. The model's config is left as it is, so exports keep their rates."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if "dropout" in name and isinstance(value, float):
-                setattr(module, name, 0.0)
-
-
-def load_pretrained(name_or_path: str, auto_class: type, **kwargs) -> nn.Module:
-    from lightning_align.demos.assets import hub_problem, resolve_model, why_not_loaded
-
-    path = resolve_model(name_or_path)
-    problem = hub_problem(str(path))
-    if problem:
-        raise FileNotFoundError(f"model '{name_or_path}' could not be loaded: {problem}")
-    try:
-        return auto_class.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise FileNotFoundError(
-            f"model '{name_or_path}' could not be loaded: {why_not_loaded(name_or_path, err)}"
-        ) from None
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -236,6 +186,16 @@ class AlignModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    # ----- the step the planner measures ------------------------------------------------------------------------
+    def step_losses(self, batch: dict) -> Iterator[torch.Tensor]:
+        """The losses one optimiser step backpropagates on `batch`, each after the one before it has: what
+        `lightning-align plan` measures, on fake tensors, to predict a run's memory. Every method's training
+        step computes its loss through these same functions."""
+        yield self.step_loss(batch)
+
+    def step_loss(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} defines no step_loss")
+
     # ----- non-finite losses and gradients ------------------------------------------------------------------------
     def finite_or_none(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         """The loss, or None (Lightning then skips the batch) when it is not finite and the policy is "skip"."""
@@ -343,8 +303,6 @@ class AlignModule(L.LightningModule):
 
     # ----- throughput --------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        from lightning_align.callbacks.checkpoints import report_output_places
-
         report_output_places(self.trainer, "this run writes")
         self.check_row_lengths()
 
@@ -374,8 +332,6 @@ class AlignModule(L.LightningModule):
         return f"set the data module's max_length to at most {limit} (longer rows are then cut or dropped, counted)"
 
     def on_fit_end(self) -> None:
-        from lightning_align.callbacks.checkpoints import report_output_places
-
         report_output_places(self.trainer, "this run wrote")
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -427,128 +383,5 @@ class AlignModule(L.LightningModule):
         return path
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-
-def model_inputs(batch: dict) -> dict:
-    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
-
-
-def causal_lm_logits(model, batch: dict, within_examples: bool = False) -> torch.Tensor:
-    # No KV cache in training: it is unused, and packed rows are recognised only without one.
-    inputs = model_inputs(batch)
-    with attention_within_examples(model, inputs, within_examples) as extra:
-        return model(**inputs, **extra, use_cache=False).logits
-
-
-def last_hidden_state(body: nn.Module, model: nn.Module, batch: dict, within_examples: bool = False) -> torch.Tensor:
-    """The body's output on a batch's model inputs (the chunked output layer, a reward model's score head)."""
-    inputs = model_inputs(batch)
-    with attention_within_examples(model, inputs, within_examples) as extra:
-        return body(**inputs, **extra, use_cache=False).last_hidden_state
-
-
-def body_of(model: nn.Module) -> nn.Module:
-    """The transformer body of a Hugging Face model (to the last hidden state, LoRA layers included)."""
-    base = unwrapped(model)
-    return getattr(base, "base_model", base)
-
-
 # Strategies that shard weights: the output layer's weight is whole only inside the model's own forward.
 SHARDING_STRATEGIES = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}
-
-
-def scored_token_logps(
-    model, batch: dict, output_layer: str = "full", within_examples: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(label_t | prefix) at every scored position of a causal LM's batch, in row-major order [K], and the
-    scored positions (`labels[:, 1:] != -100`, [batch, seq-1]).
-
-    `output_layer` (see `ScoringPlan`): "chunked" applies the output layer at the scored positions only, a chunk
-    of them at a time from the body's hidden states (`output_layer_logps`), so the [positions, vocab] logits are
-    never held; "logits_to_keep" at the scored positions through the model's own forward; "full" everywhere."""
-    from lightning_align.losses import output_layer_logps, predicting_positions, token_logps, token_logps_at
-
-    labels = batch["labels"]
-    scored = labels[:, 1:] != -100
-    if output_layer == "chunked":
-        hidden = last_hidden_state(body_of(model), model, batch, within_examples)
-        return output_layer_logps(hidden[:, :-1][scored], output_weight(model), labels[:, 1:][scored]), scored
-    if output_layer == "full":
-        logps, _ = token_logps(causal_lm_logits(model, batch, within_examples), labels)
-        return logps[scored], scored
-    inputs = model_inputs(batch)
-    with attention_within_examples(model, inputs, within_examples) as extra:
-        logits = model(**inputs, **extra, use_cache=False, logits_to_keep=predicting_positions(labels)).logits
-    return token_logps_at(logits, labels), scored
-
-
-def plan_token_logps(model, batch: dict, plan: ScoringPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per scored token of a padded (or already packed) batch: log-probs [K] and the batch row of each [K], each
-    row's tokens in order. A packing plan scores a right-padded batch's rows packed without their padding."""
-    labels = batch["labels"]
-    if plan.packed and "attention_mask" in batch and right_padded(batch["attention_mask"]):
-        packed = pack_padded(batch["input_ids"], batch["attention_mask"], labels, one_row=plan.packing == "one_row")
-        packed_batch = {key: packed[key] for key in ("input_ids", "position_ids", "labels")}
-        logps, scored = scored_token_logps(model, packed_batch, plan.output_layer, plan.packing == "one_row")
-        return logps, packed["example"][:, 1:][scored]
-    logps, scored = scored_token_logps(model, batch, plan.output_layer, plan.packing == "one_row")
-    return logps, scored.nonzero()[:, 0]
-
-
-def batch_scoring_plan(scoring, model, batch: dict, sharded: bool, packing: bool) -> ScoringPlan:
-    """`scoring.plan` for a labelled batch (SFT-like, preference or unpaired): decided at the first batch, its
-    fast path checked on a few of that batch's rows against the model's own padded forward."""
-    from lightning_align.modules.scoring import CHECKED_ROWS
-
-    rows = {key: batch[key][:CHECKED_ROWS] for key in ("input_ids", "attention_mask", "labels")}
-    return scoring.plan(
-        model,
-        lambda plan: in_row_order(*plan_token_logps(model, rows, plan)),
-        batch["input_ids"].device,
-        sharded=sharded,
-        packing=packing,
-    )
-
-
-def in_row_order(logps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Per-token values sorted by batch row (stable, so each row's tokens stay in order): as a padded batch lists
-    them, whichever layout scored them."""
-    return logps[torch.sort(rows, stable=True).indices]
-
-
-def real_tokens(batch: dict) -> int:
-    """Tokens that are not padding (a packed batch has no padding and no attention mask)."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
-
-
-def name_base_model(adapter_folder: Path, name_or_path: str) -> None:
-    """Record the base model as the user named it (peft writes the resolved folder, e.g. the demo's cache)."""
-    import json
-
-    config_file = adapter_folder / "adapter_config.json"
-    if config_file.exists():
-        config = json.loads(config_file.read_text())
-        config["base_model_name_or_path"] = name_or_path
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def save_tokenizer_from(name_or_path: str, path: Path) -> None:
-    from transformers import AutoTokenizer
-
-    from lightning_align.demos.assets import resolve_model
-
-    try:
-        AutoTokenizer.from_pretrained(resolve_model(name_or_path)).save_pretrained(path)
-    except (OSError, ValueError):
-        rank_zero_info(f"no tokenizer saved with the model: none could be loaded from '{name_or_path}'")
-
-
-def sequence_lengths(example) -> list[int]:
-    """The lengths of every token sequence in an example (a pair has two; a prompt one)."""
-    if isinstance(example, dict):
-        own = [len(example["input_ids"])] if "input_ids" in example else []
-        return own + [n for value in example.values() if isinstance(value, dict) for n in sequence_lengths(value)]
-    return []

@@ -19,7 +19,7 @@ from lightning_align.losses import (
     simpo_loss,
     wpo_weights,
 )
-from lightning_align.modules.base import AlignModule, ModelSource, batch_scoring_plan, plan_token_logps
+from lightning_align.modules.base import AlignModule, ModelSource
 from lightning_align.modules.ref_cache import (
     RefLogpsCache,
     examples_fingerprint,
@@ -29,7 +29,8 @@ from lightning_align.modules.ref_cache import (
     weights_fingerprint,
 )
 from lightning_align.modules.reference import Reference, frozen
-from lightning_align.modules.scoring import SAFE_PLAN, Scoring, ScoringPlan
+from lightning_align.scoring.plan import SAFE_PLAN, Scoring, ScoringPlan
+from lightning_align.scoring.rows import batch_scoring_plan, plan_token_logps, response_logps
 
 PREFERENCE_METRICS = (
     "loss",
@@ -47,15 +48,6 @@ def chosen_rejected_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs of the chosen and rejected halves of a preference batch, from one forward pass."""
     return response_logps(model, batch, average, plan).chunk(2)
-
-
-def response_logps(model: nn.Module, batch: dict, average: bool = False, plan: ScoringPlan = SAFE_PLAN) -> torch.Tensor:
-    """Per-row sequence log-probs, scored as `plan` says (`plan_token_logps`); by default by the model's own
-    padded forward."""
-    labels = batch["labels"]
-    logps, rows = plan_token_logps(model, batch, plan)
-    sums = torch.zeros(len(labels), dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
-    return sums / (labels[:, 1:] != -100).sum(-1).clamp(min=1) if average else sums
 
 
 REFERENCE_FREE_TYPES = ("simpo", "sft", "orpo")
@@ -289,7 +281,7 @@ class DPOModule(AlignModule):
     @torch.no_grad()
     def pair_weights(self, batch: dict) -> torch.Tensor:
         """WPO's weight of each pair, from the policy's next-token distributions at the scored positions."""
-        from lightning_align.modules.base import causal_lm_logits
+        from lightning_align.scoring.forward import causal_lm_logits
 
         labels = batch["labels"][:, 1:]
         scored = labels != -100
@@ -353,6 +345,9 @@ class DPOModule(AlignModule):
             "logps/rejected": rejected,
             **extra,
         }
+
+    def step_loss(self, batch: dict) -> torch.Tensor:
+        return self.preference_step(batch)["loss"].mean()
 
     def training_step(self, batch, batch_idx):
         metrics = self.preference_step(batch)

@@ -214,30 +214,38 @@ class GRPOModule(OnlineRLModule):
             for rows in order.split(size) if order is not None else [slice(None)]:
                 if self.steps_left() == 0:  # max_steps counts optimiser steps: stop mid rollout batch
                     break
-                logprobs, _ = self.response_logps(self.model, rollout, rows)
-                old = rollout["logprobs"][rows] if "logprobs" in rollout else logprobs.detach()
-                loss, stats = clipped_policy_loss(
-                    logprobs,
-                    old,
-                    rollout["advantages"][rows],
-                    rollout["loss_mask"][rows],
-                    self.epsilon,
-                    self.epsilon_high,
-                    self.loss_aggregation,
-                    ref_logprobs=rollout["ref_logprobs"][rows]
-                    if self.advantage != "reinforce++" and self.beta
-                    else None,
-                    beta=self.beta,
-                    max_completion_length=self.sampling["max_new_tokens"],
-                    num_tokens=num_tokens,
-                )
+                loss, stats = self.minibatch_loss(rollout, rows, num_tokens)
                 if not self.optimizer_step(loss):
                     continue
                 stats["loss"] = loss.detach()
-                stats["entropy"] = masked_mean(-logprobs.detach(), rollout["mask"][rows])
                 for name, value in stats.items():
                     totals.setdefault(name, []).append(float(value))
         return {name: sum(values) / len(values) for name, values in totals.items()}
+
+    def minibatch_loss(self, rollout: dict, rows, num_tokens) -> tuple[torch.Tensor, dict]:
+        """The clipped policy loss of the rollout's rows `rows` (with its statistics), `num_tokens` the
+        normaliser of DAPO's token mean."""
+        logprobs, _ = self.response_logps(self.model, rollout, rows)
+        old = rollout["logprobs"][rows] if "logprobs" in rollout else logprobs.detach()
+        loss, stats = clipped_policy_loss(
+            logprobs,
+            old,
+            rollout["advantages"][rows],
+            rollout["loss_mask"][rows],
+            self.epsilon,
+            self.epsilon_high,
+            self.loss_aggregation,
+            ref_logprobs=rollout["ref_logprobs"][rows] if self.advantage != "reinforce++" and self.beta else None,
+            beta=self.beta,
+            max_completion_length=self.sampling["max_new_tokens"],
+            num_tokens=num_tokens,
+        )
+        stats["entropy"] = masked_mean(-logprobs.detach(), rollout["mask"][rows])
+        return loss, stats
+
+    def step_loss(self, rollout: dict) -> torch.Tensor:
+        """An optimiser step's loss on all of a rollout's rows."""
+        return self.minibatch_loss(rollout, slice(None), rollout["loss_mask"].sum())[0]
 
     def training_step(self, batch, batch_idx):
         rollout, zero_std = self.with_signal(self.sample(batch, self.num_generations))

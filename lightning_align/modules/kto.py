@@ -8,11 +8,11 @@ from torchmetrics import MeanMetric
 
 from lightning_align.data.unpaired import fix_kl_completions
 from lightning_align.losses import kto_kl, kto_loss
-from lightning_align.modules.base import AlignModule, ModelSource, batch_scoring_plan
-from lightning_align.modules.dpo import response_logps
+from lightning_align.modules.base import AlignModule, ModelSource
 from lightning_align.modules.ref_cache import scored_examples
 from lightning_align.modules.reference import Reference
-from lightning_align.modules.scoring import Scoring, ScoringPlan
+from lightning_align.scoring.plan import Scoring, ScoringPlan
+from lightning_align.scoring.rows import batch_scoring_plan, response_logps
 
 # The paper's recommended range of lambda_D n_D / (lambda_U n_U) (section 4.2).
 BALANCE_RANGE = (1.0, 4 / 3)
@@ -147,6 +147,9 @@ class KTOModule(AlignModule):
             policy, ref, batch["desirable"], kl, self.beta, self.desirable_weight, self.undesirable_weight
         )
         return {"losses": losses, "rewards": rewards, "kl": kl}
+
+    def step_loss(self, batch: dict) -> torch.Tensor:
+        return self.kto_step(batch)["losses"].mean()
 
     def training_step(self, batch, batch_idx):
         out = self.kto_step(batch)

@@ -9,14 +9,12 @@ import torch
 from torch import nn
 
 from lightning_align.losses import gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
-from lightning_align.modules.base import ModelSource, disable_dropout
-from lightning_align.modules.online import (  # noqa: F401 (response_mask: API)
-    OnlineRLModule,
-    packed_response_hidden,
-    response_mask,
-)
+from lightning_align.modules.base import ModelSource
+from lightning_align.modules.online import OnlineRLModule
+from lightning_align.modules.pretrained import disable_dropout
 from lightning_align.modules.rewards import RewardSource
-from lightning_align.modules.scoring import CHECKED_ROWS, ScoringPlan
+from lightning_align.scoring.plan import CHECKED_ROWS, ScoringPlan
+from lightning_align.scoring.scores import score_head_values
 
 
 class AdaptiveKLController:
@@ -37,7 +35,7 @@ def load_critic(path: str, vocab_size: int) -> nn.Module:
     """A separate value model from a reward model folder: its score head, applied at every position, is V(s_t)."""
     from transformers import AutoModelForSequenceClassification
 
-    from lightning_align.modules.base import load_pretrained
+    from lightning_align.modules.pretrained import load_pretrained
     from lightning_align.modules.rewards import check_reward_model_folder
 
     check_reward_model_folder(path)
@@ -50,30 +48,6 @@ def load_critic(path: str, vocab_size: int) -> nn.Module:
             "the critic reads the policy's token ids, so it must share the policy's tokenizer"
         )
     return critic.train()
-
-
-def score_head_values(
-    critic: nn.Module,
-    sequences: torch.Tensor,
-    attention_mask: torch.Tensor,
-    prompt_length: int,
-    mask: torch.Tensor,
-    plan: ScoringPlan,
-) -> torch.Tensor:
-    """A sequence classifier's score head at the positions that predict each response token: [batch, response]
-    values, from the rows packed without their padding under a packing plan (0 where `mask` is 0), else from the
-    padded rows."""
-    if plan.packed:
-        hidden, _ = packed_response_hidden(
-            critic.base_model, critic, sequences, attention_mask, prompt_length, mask, plan
-        )
-        values = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        return values.masked_scatter(mask.bool(), critic.score(hidden).squeeze(-1).float())
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = critic.base_model(
-        input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state[:, prompt_length - 1 : -1]
-    return critic.score(hidden).squeeze(-1).float()
 
 
 class PPOModule(OnlineRLModule):
@@ -239,7 +213,7 @@ class PPOModule(OnlineRLModule):
                     totals.setdefault(name, []).append(value.item())
         return {name: sum(values) / len(values) for name, values in totals.items()}
 
-    def minibatch_losses(self, rollout: dict, index: torch.Tensor, stats: dict) -> Iterator[torch.Tensor]:
+    def minibatch_losses(self, rollout: dict, index: torch.Tensor | slice, stats: dict) -> Iterator[torch.Tensor]:
         """The losses of one optimiser step on the rollout's rows `index`, recording them in `stats`. With a
         separate value model, its loss comes after the policy's backward, so one network's activations are held
         at a time."""
@@ -257,6 +231,10 @@ class PPOModule(OnlineRLModule):
         value_loss = ppo_value_loss(values, old_values, returns, mask, self.value_clip_eps)
         stats["loss/value"] = value_loss.detach()
         yield self.vf_coef * value_loss if separate else policy_loss + self.vf_coef * value_loss
+
+    def step_losses(self, rollout: dict) -> Iterator[torch.Tensor]:
+        """An optimiser step's losses on all of a rollout's rows (as `minibatch_losses`)."""
+        return self.minibatch_losses(rollout, slice(None), {})
 
     def training_step(self, batch, batch_idx):
         rollout = self.rollout(batch)

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lightning_align.scoring.model import eval_mode
+
 
 def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
@@ -20,18 +22,6 @@ def frozen(model: nn.Module) -> nn.Module:
 
 
 START_ADAPTER = "start"  # the adapter name the LoRA callbacks give a frozen copy of a continued start adapter
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    """`model` in eval mode for the context, each submodule's own mode restored after."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 class Reference:

@@ -6,13 +6,13 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lightning_align.data.collate import pack_padded, pad_collate, right_padded
+from lightning_align.data.collate import pad_collate
 from lightning_align.data.sources import Row
 from lightning_align.data.tokenize import adds_bos, encode_segments
 from lightning_align.losses import pairwise_reward_loss
-from lightning_align.modules.attention import unwrapped
-from lightning_align.modules.base import AlignModule, ModelSource, last_hidden_state
-from lightning_align.modules.scoring import CHECKED_ROWS, Scoring, ScoringPlan
+from lightning_align.modules.base import AlignModule, ModelSource
+from lightning_align.scoring.plan import CHECKED_ROWS, Scoring, ScoringPlan
+from lightning_align.scoring.scores import batch_rewards, body_and_score_head
 
 
 class RewardModule(AlignModule):
@@ -72,9 +72,16 @@ class RewardModule(AlignModule):
             packing=packing,
         )
 
-    def training_step(self, batch, batch_idx):
+    def reward_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pairwise loss of a preference batch and the rewards of its chosen and rejected halves."""
         chosen, rejected = self.rewards(batch)
-        loss = pairwise_reward_loss(chosen, rejected, batch.get("margin"))
+        return pairwise_reward_loss(chosen, rejected, batch.get("margin")), chosen, rejected
+
+    def step_loss(self, batch: dict) -> torch.Tensor:
+        return self.reward_step(batch)[0]
+
+    def training_step(self, batch, batch_idx):
+        loss, chosen, rejected = self.reward_step(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(chosen))
         self.log("train/accuracy", (chosen > rejected).float().mean(), prog_bar=True, batch_size=len(chosen))
         return self.finite_or_none(loss, batch_idx)
@@ -116,29 +123,3 @@ class RewardModule(AlignModule):
             batch = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
             scores.append(batch_rewards(self.model, batch, self.scoring_plan(batch)).float())
         return torch.cat(scores)
-
-
-def batch_rewards(model: nn.Module, batch: dict, plan: ScoringPlan) -> torch.Tensor:
-    """The reward of each row of a padded batch [batch]: with a packing plan (and a right-padded batch), from the
-    rows packed without their padding, the score head applied at each row's last token; else by the model's own
-    forward."""
-    if plan.packed and right_padded(batch["attention_mask"]):
-        body, head = body_and_score_head(model)
-        one_row = plan.packing == "one_row"
-        packed = pack_padded(batch["input_ids"], batch["attention_mask"], one_row=one_row)
-        inputs = {key: packed[key] for key in ("input_ids", "position_ids")}
-        hidden = last_hidden_state(body, model, inputs, within_examples=one_row)
-        return head(hidden.flatten(0, 1)[packed["last"]]).squeeze(-1)
-    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return scores.logits.squeeze(-1)
-
-
-def body_and_score_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """The transformer body and the `score` head of a Hugging Face sequence classifier (LoRA layers included),
-    or None for other models."""
-    base = unwrapped(model)
-    body = getattr(base, "base_model", None)
-    head = getattr(base, "score", None)
-    if body is None or body is base or head is None or not type(base).__name__.endswith("ForSequenceClassification"):
-        return None
-    return body, head

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_align.modules.attention import unwrapped
+from lightning_align.scoring.model import unwrapped
 
 
 def next_tokens(
@@ -56,7 +56,7 @@ def forward_takes(model_class: type, name: str) -> bool:
 
 def decode_loop_proven(model: nn.Module) -> bool:
     """Whether the architecture grid covers this model's family (its test compares the loop with `generate`)."""
-    from lightning_align.modules.scoring import grid_model_types
+    from lightning_align.scoring.families import grid_model_types
 
     base = unwrapped(model)
     return getattr(base.config, "model_type", None) in grid_model_types() and cache_argument(type(base)) is not None
@@ -179,3 +179,29 @@ class Sampler:
             **options,
         )
         return sequences, None
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 64):
+    """Greedy completions of plain-text prompts, decoded without special tokens."""
+    was_training = model.training
+    model.eval()
+    # Left padding keeps every prompt's last token next to its first generated token.
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    completions = []
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            completions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return completions

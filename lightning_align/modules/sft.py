@@ -5,19 +5,11 @@ from __future__ import annotations
 import torch
 from torchmetrics import SumMetric
 
-from lightning_align.data.collate import is_packed, unpack
-from lightning_align.losses import output_layer_nll, predicting_positions, sft_loss, sft_loss_at, token_logps
-from lightning_align.modules.attention import attention_within_examples
-from lightning_align.modules.base import (
-    AlignModule,
-    body_of,
-    causal_lm_logits,
-    in_row_order,
-    last_hidden_state,
-    model_inputs,
-    plan_token_logps,
-)
-from lightning_align.modules.scoring import CHECKED_ROWS, Scoring, ScoringPlan, output_weight
+from lightning_align.losses import sft_loss, token_logps
+from lightning_align.modules.base import AlignModule
+from lightning_align.scoring.forward import causal_lm_logits
+from lightning_align.scoring.plan import Scoring, ScoringPlan
+from lightning_align.scoring.rows import as_planned, batch_scoring_plan, planned_logits, planned_nll
 
 
 class SFTModule(AlignModule):
@@ -45,45 +37,20 @@ class SFTModule(AlignModule):
 
     def loss(self, batch: dict) -> torch.Tensor:
         """`sft_loss` by the model's own forward (full logits), for checks and tests."""
-        if is_packed(batch) and not self.scoring_plan(batch).packed:
-            batch = unpack(batch)
+        batch = as_planned(batch, self.scoring_plan(batch))
         return sft_loss(causal_lm_logits(self.model, batch), batch["labels"])
 
     def scoring_plan(self, batch: dict) -> ScoringPlan:
         """How the model scores batches: decided (and checked on a few of this batch's rows) at the first one."""
-
-        def score(plan: ScoringPlan) -> torch.Tensor:  # called only while the plan is decided, not every step
-            if is_packed(batch):
-                rows = unpack(batch, limit=CHECKED_ROWS)
-            else:
-                rows = {key: batch[key][:CHECKED_ROWS] for key in ("input_ids", "attention_mask", "labels")}
-            return in_row_order(*plan_token_logps(self.model, rows, plan))
-
-        return self.scoring.plan(self.model, score, batch["input_ids"].device, sharded=self.weights_sharded)
+        return batch_scoring_plan(self.scoring, self.model, batch, self.weights_sharded, packing=True)
 
     def scored_loss(self, batch: dict, num_scored_tokens=None) -> torch.Tensor:
-        """`sft_loss`, scored as the model's `ScoringPlan` says: packed batches stay packed only where the model's
-        attention allows it (else they are unpacked and padded); the output layer is applied at the scored
-        positions only, a chunk of them at a time with the gradients formed in the same pass (`output_layer_nll`)
-        where the model allows it, else through Hugging Face's `logits_to_keep`."""
-        plan = self.scoring_plan(batch)
-        if is_packed(batch) and not plan.packed:
-            batch = unpack(batch)
-        within = plan.packing == "one_row"
-        labels = batch["labels"]
-        if plan.output_layer == "chunked":
-            hidden = last_hidden_state(body_of(self.model), self.model, batch, within)
-            scored = labels[:, 1:] != -100
-            normaliser = scored.sum() if num_scored_tokens is None else num_scored_tokens
-            return output_layer_nll(
-                hidden[:, :-1][scored], output_weight(self.model), labels[:, 1:][scored], normaliser
-            )
-        if plan.output_layer == "full":
-            return sft_loss(causal_lm_logits(self.model, batch, within), labels, num_scored_tokens=num_scored_tokens)
-        inputs = model_inputs(batch)
-        with attention_within_examples(self.model, inputs, within) as extra:
-            logits = self.model(**inputs, **extra, use_cache=False, logits_to_keep=predicting_positions(labels)).logits
-        return sft_loss_at(logits, labels, num_scored_tokens=num_scored_tokens)
+        """`sft_loss`, scored as the model's `ScoringPlan` says (`scoring.rows.planned_nll`)."""
+        return planned_nll(self.model, batch, self.scoring_plan(batch), num_scored_tokens)
+
+    def step_loss(self, batch: dict) -> torch.Tensor:
+        """The summed NLL a training step backpropagates, over a fixed scale (see the class docstring)."""
+        return self.scored_loss(batch, num_scored_tokens=self.GRADIENT_SCALE_TOKENS)
 
     def training_step(self, batch, batch_idx):
         scored = int((batch["labels"][:, 1:] != -100).sum())  # the first position is never predicted
@@ -93,7 +60,7 @@ class SFTModule(AlignModule):
                 "check the labels, or the data module's train_on_prompt and truncation settings"
             )
         self.step_tokens += scored
-        summed = self.scored_loss(batch, num_scored_tokens=self.GRADIENT_SCALE_TOKENS)
+        summed = self.step_loss(batch)
         self.log("train/loss", summed.detach() * self.GRADIENT_SCALE_TOKENS / scored, prog_bar=True)
         # Lightning divides the returned loss by accumulate_grad_batches; undo that, the rescale below replaces it.
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
@@ -119,10 +86,7 @@ class SFTModule(AlignModule):
         self.val_tokens.reset()
 
     def validation_step(self, batch, batch_idx):
-        plan = self.scoring_plan(batch)
-        if is_packed(batch) and not plan.packed:
-            batch = unpack(batch)
-        logps, mask = token_logps(causal_lm_logits(self.model, batch, plan.packing == "one_row"), batch["labels"])
+        logps, mask = token_logps(*planned_logits(self.model, batch, self.scoring_plan(batch)))
         self.val_nll.update(-logps.sum())
         self.val_tokens.update(mask.sum())
 

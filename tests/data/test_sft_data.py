@@ -247,7 +247,7 @@ def test_a_template_that_scores_nothing_or_everything_stops_with_the_marked_text
 
 
 def test_pack_padded_keeps_every_token_and_position_and_finds_each_last_token():
-    from lightning_align.data.collate import pack_padded
+    from lightning_align.scoring.packing import pack_padded
 
     lengths = [7, 3, 5, 2, 7, 1]
     ids = torch.zeros(len(lengths), 7, dtype=torch.long)
@@ -277,7 +277,7 @@ def test_pack_padded_keeps_every_token_and_position_and_finds_each_last_token():
 
 
 def test_pack_padded_into_one_row_keeps_every_example_in_order_of_length():
-    from lightning_align.data.collate import pack_padded
+    from lightning_align.scoring.packing import pack_padded
 
     lengths = [3, 5, 1]
     ids = torch.zeros(3, 5, dtype=torch.long)

@@ -1,7 +1,7 @@
 """The architecture grid: on a tiny random model of every family in `ARCHITECTURES`, the scoring path the library
 picks for SFT (packed and padded), DPO and the reward model equals the model's own padded forward, gradients
 included; every method trains a step with and without LoRA; DPO's first loss is log 2 with dropout in the config.
-A new family is one line in `lightning_align.demos.architectures`."""
+A new family is one line in `lightning_align.scoring.families`."""
 
 import math
 
@@ -18,13 +18,14 @@ from lightning_align import (
     SFTDataModule,
     SFTModule,
 )
-from lightning_align.data.collate import packed_collate, unpack
-from lightning_align.demos.architectures import ARCHITECTURES, WINDOW
+from lightning_align.data.collate import packed_collate
 from lightning_align.losses import sft_loss
-from lightning_align.modules.dpo import response_logps
-from lightning_align.modules.online import response_forward
-from lightning_align.modules.reward import batch_rewards
-from lightning_align.modules.scoring import SAFE_PLAN, fastest_plan
+from lightning_align.scoring.families import ARCHITECTURES, WINDOW
+from lightning_align.scoring.packing import unpack
+from lightning_align.scoring.plan import SAFE_PLAN, fastest_plan
+from lightning_align.scoring.responses import response_forward
+from lightning_align.scoring.rows import response_logps
+from lightning_align.scoring.scores import batch_rewards
 from tests.conftest import padded, random_examples, ready, trainer
 
 NAMES = list(ARCHITECTURES)
@@ -120,7 +121,7 @@ def test_online_rl_logps_and_values_by_the_chosen_path_equal_the_models_own_padd
     where it packs), and a separate value model's values, equal the padded forward's, gradients included."""
     from transformers import AutoModelForSequenceClassification
 
-    from lightning_align.modules.ppo import score_head_values
+    from lightning_align.scoring.scores import score_head_values
 
     module = ready(PPOModule(model_folders(name), reward=first_step_reward), tmp_path=tmp_path)
     model = module.model.eval()

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lightning_align.modules.attention import attention_within_examples, packed_examples
-from lightning_align.modules.base import causal_lm_logits
+from lightning_align.scoring.attention import attention_within_examples, packed_examples
+from lightning_align.scoring.forward import causal_lm_logits
 
 
 def test_packed_examples_start_where_the_position_restarts():

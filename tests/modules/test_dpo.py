@@ -145,8 +145,8 @@ def test_rpo_alpha_adds_the_mean_token_nll_of_the_chosen_responses(sft_model, ta
 def test_chunked_and_packed_logps_equal_the_padded_logits_path_with_gradients(
     tiny_model, task_files, tmp_path, adapter, packing, output_layer
 ):
-    from lightning_align.modules.dpo import response_logps
-    from lightning_align.modules.scoring import SAFE_PLAN, ScoringPlan, fastest_plan
+    from lightning_align.scoring.plan import SAFE_PLAN, ScoringPlan, fastest_plan
+    from lightning_align.scoring.rows import response_logps
     from tests.conftest import ready
 
     batch = preference_data(tiny_model, task_files).collate(preference_data(tiny_model, task_files).val_set[:8])

@@ -7,8 +7,8 @@ import torch
 
 from lightning_align import GRPOModule, LoRA, PPOModule, PromptDataModule, QLoRA
 from lightning_align.demos import task_reward
-from lightning_align.modules.online import response_forward
-from lightning_align.modules.scoring import SAFE_PLAN, ScoringPlan
+from lightning_align.scoring.plan import SAFE_PLAN, ScoringPlan
+from lightning_align.scoring.responses import response_forward
 from tests.conftest import TEST_SEED, ready, report_gain, task_prompts, trainer, write_jsonl
 
 

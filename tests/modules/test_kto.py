@@ -7,7 +7,7 @@ import torch
 
 from lightning_align import KTOModule, LoRA, QLoRA, UnpairedPreferenceDataModule
 from lightning_align.losses import kto_kl, kto_loss
-from lightning_align.modules.dpo import response_logps
+from lightning_align.scoring.rows import response_logps
 from tests.conftest import TEST_SEED, ready, report_gain, trainer, write_jsonl
 
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from lightning_align import LoRA, PPOModule, PromptDataModule
-from lightning_align.modules.base import body_of
-from lightning_align.modules.online import response_forward
 from lightning_align.modules.ppo import AdaptiveKLController, response_mask
-from lightning_align.modules.scoring import SAFE_PLAN
+from lightning_align.scoring.model import body_of
+from lightning_align.scoring.plan import SAFE_PLAN
+from lightning_align.scoring.responses import response_forward
 from tests.conftest import TEST_SEED, ready, report_gain, task_prompts, trainer
 
 

@@ -103,7 +103,7 @@ def test_padding_free_rewards_and_gradients_equal_the_padded_forward(
 
 
 def test_left_padded_batches_take_the_padded_forward(tiny_model, task_files, tmp_path):
-    from lightning_align.data.collate import right_padded
+    from lightning_align.scoring.packing import right_padded
 
     dm = preference_data(tiny_model, task_files, batch_size=4)
     dm.setup("fit")

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from lightning_align import DPOModule
-from lightning_align.modules import scoring
-from lightning_align.modules.scoring import SAFE_PLAN, ScoringPlan, fallbacks
+from lightning_align.scoring import plan as scoring
+from lightning_align.scoring.families import grid_model_types
+from lightning_align.scoring.plan import SAFE_PLAN, ScoringPlan, fallbacks
 from tests.conftest import padded, random_examples, ready
 
 
@@ -83,7 +84,7 @@ def test_the_grid_covers_the_families_users_bring():
         "bloom",
         "mixtral",
         "qwen2_moe",
-    } <= scoring.grid_model_types()
+    } <= grid_model_types()
 
 
 def test_the_readme_table_of_scoring_paths_is_the_generated_one():

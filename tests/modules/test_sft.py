@@ -178,7 +178,7 @@ def test_loss_from_scored_positions_only_equals_the_full_logits_loss(
     tiny_model, plain_task_files, tmp_path, packing, adapter
 ):
     from lightning_align import LoRA
-    from lightning_align.modules.scoring import ScoringPlan
+    from lightning_align.scoring.plan import ScoringPlan
     from tests.conftest import ready
 
     dm = SFTDataModule(tiny_model, plain_task_files["sft_train"], batch_size=6, max_length=64, packing=packing)

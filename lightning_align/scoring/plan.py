@@ -13,8 +13,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_align.modules.attention import attends_within_examples, unwrapped
-from lightning_align.modules.reference import eval_mode
+from lightning_align.scoring.attention import attends_within_examples
+from lightning_align.scoring.families import grid_model_types
+from lightning_align.scoring.model import eval_mode, unwrapped
 
 PACKINGS = ("one_row", "rows", "padded")  # all examples in one row (attention costs each its own) | in few rows | none
 OUTPUT_LAYERS = ("chunked", "logits_to_keep", "full")
@@ -50,17 +51,6 @@ class ScoringPlan:
 
 
 SAFE_PLAN = ScoringPlan("padded", "full")
-
-
-@functools.cache
-def grid_model_types() -> frozenset[str]:
-    """The model types of the architecture grid (`lightning_align.demos.architectures`), on which the tests prove
-    every fast path this module picks equal to the model's own padded forward."""
-    import transformers
-
-    from lightning_align.demos.architectures import ARCHITECTURES
-
-    return frozenset(getattr(transformers, config_class).model_type for config_class, _ in ARCHITECTURES.values())
 
 
 def fastest_plan(model: nn.Module, device: torch.device, sharded: bool = False, packing: bool = True) -> ScoringPlan:

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-from lightning_align.data.collate import example_spans as packed_examples
+from lightning_align.scoring.model import unwrapped
+from lightning_align.scoring.packing import example_spans as packed_examples
 
 
 def within_examples_attention(
@@ -74,11 +75,6 @@ def example_attention(q, k, v, dropout: float, scaling: float, sliding_window: i
 # the same name, activation checkpointing's recomputation, which runs after our forward has returned but with the
 # same keyword arguments, takes the same path.
 AttentionInterface.register("sdpa", within_examples_attention)
-
-
-def unwrapped(model):
-    """The Hugging Face model inside a peft wrapper, or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def attends_within_examples(model, device: torch.device) -> bool:

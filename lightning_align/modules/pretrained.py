@@ -1,0 +1,55 @@
+"""Hugging Face models in and out: loading a name or folder with a message a user can act on, dropout off, and
+what an export writes beside the weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_align.assets import hub_problem, resolve_model, why_not_loaded
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere in `model`: dropout layers (LoRA's included) and the dropout rates that Hugging Face
+    attention modules keep as plain numbers. The model's config is left as it is, so exports keep their rates."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+def load_pretrained(name_or_path: str, auto_class: type, **kwargs) -> nn.Module:
+    path = resolve_model(name_or_path)
+    problem = hub_problem(str(path))
+    if problem:
+        raise FileNotFoundError(f"model '{name_or_path}' could not be loaded: {problem}")
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"model '{name_or_path}' could not be loaded: {why_not_loaded(name_or_path, err)}"
+        ) from None
+
+
+def name_base_model(adapter_folder: Path, name_or_path: str) -> None:
+    """Record the base model as the user named it (peft writes the resolved folder, e.g. the demo's cache)."""
+    import json
+
+    config_file = adapter_folder / "adapter_config.json"
+    if config_file.exists():
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = name_or_path
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_tokenizer_from(name_or_path: str, path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(resolve_model(name_or_path)).save_pretrained(path)
+    except (OSError, ValueError):
+        rank_zero_info(f"no tokenizer saved with the model: none could be loaded from '{name_or_path}'")
