@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_align.losses import gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
 from lightning_align.modules.base import ModelSource
-from lightning_align.modules.online import OnlineRLModule
+from lightning_align.modules.online import OnlineRLModule, response_mask  # noqa: F401 (response_mask: API)
 from lightning_align.modules.pretrained import disable_dropout
 from lightning_align.modules.rewards import RewardSource
 from lightning_align.scoring.plan import CHECKED_ROWS, ScoringPlan
