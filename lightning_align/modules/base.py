@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_align.modules.batches import BATCH_KINDS, DATA_MODULES, batch_kind, real_tokens, sequence_lengths
 from lightning_align.modules.pretrained import disable_dropout, load_pretrained, name_base_model, save_tokenizer_from
+from lightning_align.modules.sharding import check_mesh, full_state_dict, is_sharded, shard
 from lightning_align.outputs import check_export_target, export_folder, report_output_places
 from lightning_align.scoring.model import unwrapped
 
@@ -75,6 +76,7 @@ class AlignModule(L.LightningModule):
     auto_class_name = "AutoModelForCausalLM"
     batch_kind = "sft"  # what `check_batch` expects: "sft", "preference" or "prompts"
     uses_reference = False  # DPO and PPO compare the policy with the model the stage started from
+    shards_proven = False  # equal to one process under ModelParallelStrategy (FSDP2), as tests/distributed shows
 
     def __init__(
         self,
@@ -136,7 +138,19 @@ class AlignModule(L.LightningModule):
             disable_dropout(self.model)
         # from_pretrained returns eval mode, and Lightning keeps module modes as they are: dropout would stay off.
         self.model.train()
+        if self.device_mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2 over its data-parallel mesh
+            self.shard_model()
         self.model_ready = True
+
+    def shard_model(self) -> None:
+        check_mesh(type(self).__name__, self.device_mesh, self.shards_proven)
+        for callback in self.trainer.callbacks if self.adapter is not None else ():
+            if getattr(callback, "merge_adapter", False) or getattr(callback, "merge_on_save", False):
+                raise ValueError(
+                    f"{type(callback).__name__}: merging the adapter into sharded weights is not supported yet; "
+                    "export the adapter (merge_adapter=False) and merge it in one process"
+                )
+        shard(self.model, self.device_mesh["data_parallel"])
 
     def load_model(self, name_or_path: str | None = None, **kwargs) -> nn.Module:
         """The module's kind of Hugging Face model, from `name_or_path` (by default the module's own model)."""
@@ -367,16 +381,20 @@ class AlignModule(L.LightningModule):
         check_export_target(path, overwrite)  # on every process, so all of them stop alike
         model = self.model
         adapter = self.adapter
+        sharded = is_sharded(model)
         if merge_adapter and adapter is not None:
+            if sharded:
+                raise ValueError("merging the adapter into sharded weights is not supported yet; export the adapter")
             model = adapter.merged_copy(model, self)
+        state = full_state_dict(model) if sharded else None  # every process takes part in the gather
         if self._trainer is None or self.trainer.is_global_zero:  # one writer under several processes
             with export_folder(path, overwrite) as staging:
                 if hasattr(model, "peft_config"):  # the trained adapter only, not a frozen start copy beside it
-                    model.save_pretrained(staging, selected_adapters=["default"])
+                    model.save_pretrained(staging, selected_adapters=["default"], state_dict=state)
                     if self.model_name_or_path is not None:
                         name_base_model(staging, self.model_name_or_path)
                 else:
-                    model.save_pretrained(staging)
+                    model.save_pretrained(staging, state_dict=state)
                 (staging / "README.md").unlink(missing_ok=True)  # peft's empty model card: not ours to write
                 if self.model_name_or_path is not None:
                     save_tokenizer_from(self.model_name_or_path, staging)

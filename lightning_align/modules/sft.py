@@ -27,6 +27,7 @@ class SFTModule(AlignModule):
 
     # Keeps a summed loss's gradient in the range of a mean's; it cancels out before the optimiser step.
     GRADIENT_SCALE_TOKENS = 1024
+    shards_proven = True  # tests/distributed/test_fsdp.py: full and LoRA, 2 processes equal to one
 
     def __init__(self, *args, scoring_check: str = "fallback", **kwargs):
         super().__init__(*args, **kwargs)
@@ -61,13 +62,20 @@ class SFTModule(AlignModule):
             )
         self.step_tokens += scored
         summed = self.step_loss(batch)
-        self.log("train/loss", summed.detach() * self.GRADIENT_SCALE_TOKENS / scored, prog_bar=True)
+        self.log("train/loss", self.global_mean(summed.detach() * self.GRADIENT_SCALE_TOKENS, scored), prog_bar=True)
         # Lightning divides the returned loss by accumulate_grad_batches; undo that, the rescale below replaces it.
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         if self.finite_or_none(summed, batch_idx) is None:
             self.step_tokens -= scored
             return None
         return summed * accumulate
+
+    def global_mean(self, nll_sum: torch.Tensor, tokens: int) -> torch.Tensor:
+        """The NLL per token over every process's micro-batch (what one process with the whole batch logs)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return nll_sum / tokens
+        both = self.trainer.strategy.reduce(torch.stack([nll_sum, nll_sum.new_tensor(tokens)]), reduce_op="sum")
+        return both[0] / both[1]
 
     def on_before_optimizer_step(self, optimizer) -> None:
         tokens = torch.tensor(float(self.step_tokens), device=self.device)

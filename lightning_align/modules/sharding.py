@@ -1,0 +1,69 @@
+"""Sharded training with FSDP2 (`torch.distributed.fsdp.fully_shard`) under Lightning's `ModelParallelStrategy`:
+each decoder layer, then the whole model, sharded over the strategy's data-parallel mesh. Lightning runs the
+processes, places the shards and writes distributed checkpoints; torch's FSDP2 gathers and scatters the weights
+and averages the gradients. A module not yet proven equal to one process under it is refused at start."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lightning_align.scoring.model import unwrapped
+
+STRATEGY_LINE = (
+    "--trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy "
+    "--trainer.strategy.data_parallel_size <devices> --trainer.strategy.tensor_parallel_size 1"
+)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: the classes a Hugging Face model names as never to be split
+    (`_no_split_modules`), found inside any peft wrapper."""
+    names = set(getattr(unwrapped(model), "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def check_mesh(module_name: str, mesh, proven: bool) -> None:
+    """Refuse what would run unsynchronised or unproven: tensor parallelism, or a method not yet proven equal to
+    one process when sharded."""
+    tensor_parallel = mesh["tensor_parallel"].size() if "tensor_parallel" in (mesh.mesh_dim_names or ()) else 1
+    if tensor_parallel > 1:
+        raise ValueError(
+            f"ModelParallelStrategy with tensor_parallel_size={tensor_parallel}: tensor parallelism is not supported; "
+            f"every process shards the model along the data-parallel axis instead ({STRATEGY_LINE}). Lightning's "
+            "default tensor_parallel_size='auto' puts every process on the tensor-parallel axis"
+        )
+    if not proven:
+        raise ValueError(
+            f"{module_name} is not yet proven under ModelParallelStrategy (FSDP2): its sharded run is not shown equal "
+            "to one process, so it is not run. Use strategy='ddp' (every process holds the whole model); SFTModule "
+            "is proven sharded so far"
+        )
+
+
+def shard(model: nn.Module, mesh) -> None:
+    """FSDP2 over `mesh` (the data-parallel axis): each decoder layer its own unit (gathered for its forward and
+    backward only), then the root (embeddings, final norm, output layer, score head, adapters outside layers)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{type(unwrapped(model)).__name__} names no decoder layer class (`_no_split_modules`), so it cannot be "
+            "sharded per layer; use strategy='ddp'"
+        )
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The whole model's state dict gathered from the shards, on the CPU (every process must call this)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
