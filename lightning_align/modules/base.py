@@ -140,6 +140,11 @@ class AlignModule(L.LightningModule):
         self.model.train()
         if self.device_mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2 over its data-parallel mesh
             self.shard_model()
+        elif self.weights_sharded:
+            rank_zero_warn(
+                f"{type(self.trainer.strategy).__name__} is not verified by lightning-align's tests (they prove DDP, "
+                "and ModelParallelStrategy for the modules that shard themselves); compare a short run with one process"
+            )
         self.model_ready = True
 
     def shard_model(self) -> None:
