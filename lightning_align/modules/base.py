@@ -138,6 +138,7 @@ class AlignModule(L.LightningModule):
             disable_dropout(self.model)
         # from_pretrained returns eval mode, and Lightning keeps module modes as they are: dropout would stay off.
         self.model.train()
+        self.make_reference()
         if self.device_mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2 over its data-parallel mesh
             self.shard_model()
         elif self.weights_sharded:
@@ -146,6 +147,9 @@ class AlignModule(L.LightningModule):
                 "and ModelParallelStrategy for the modules that shard themselves); compare a short run with one process"
             )
         self.model_ready = True
+
+    def make_reference(self) -> None:
+        """Set up the reference network, if the method has one (before any sharding, which shards it too)."""
 
     def shard_model(self) -> None:
         check_mesh(type(self).__name__, self.device_mesh, self.shards_proven)
@@ -156,6 +160,9 @@ class AlignModule(L.LightningModule):
                     "export the adapter (merge_adapter=False) and merge it in one process"
                 )
         shard(self.model, self.device_mesh["data_parallel"])
+        reference = getattr(self, "reference", None)
+        if reference is not None and reference.network is not None:  # a frozen copy: sharded alike, never whole
+            shard(reference.network, self.device_mesh["data_parallel"])
 
     def load_model(self, name_or_path: str | None = None, **kwargs) -> nn.Module:
         """The module's kind of Hugging Face model, from `name_or_path` (by default the module's own model)."""

@@ -137,6 +137,7 @@ class DPOModule(AlignModule):
     """
 
     batch_kind = "preference"
+    shards_proven = True  # tests/distributed/test_fsdp.py (sigmoid and IPO, full and LoRA), not precomputed
 
     def __init__(
         self,
@@ -196,11 +197,18 @@ class DPOModule(AlignModule):
     def uses_reference(self) -> bool:
         return not self.reference_free and self.ref_model_path is None
 
-    def configure_model(self) -> None:
-        super().configure_model()
+    def make_reference(self) -> None:
         if self.reference is None and not self.reference_free:
             explicit = None if self.ref_model_path is None else frozen(self.load_model(self.ref_model_path))
             self.reference = Reference(self.model, explicit)
+
+    def shard_model(self) -> None:
+        if self.precompute_ref_logps:
+            raise ValueError(
+                "precompute_ref_logps under ModelParallelStrategy is not supported yet (each process would score "
+                "a different number of batches through the sharded reference); use strategy='ddp' or a live reference"
+            )
+        super().shard_model()
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -357,11 +365,13 @@ class DPOModule(AlignModule):
             self.bco_rewards["count"] += len(rewards)
         loss = metrics.pop("loss").mean()
         batch_size = len(metrics["rewards/chosen"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        # Averaged over the processes' equal micro-batches: the global batch's metrics, as one process logs them.
+        sync = self._trainer is not None and self.trainer.world_size > 1
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=sync)
         means = {name: values.mean() for name, values in metrics.items()}
         shown = ("rewards/accuracies", "rewards/margins")
-        self.log_dict({name: means.pop(name) for name in shown}, prog_bar=True, batch_size=batch_size)
-        self.log_dict(means, batch_size=batch_size)
+        self.log_dict({name: means.pop(name) for name in shown}, prog_bar=True, batch_size=batch_size, sync_dist=sync)
+        self.log_dict(means, batch_size=batch_size, sync_dist=sync)
         return self.finite_or_none(loss, batch_idx)
 
     def validation_step(self, batch, batch_idx):

@@ -72,8 +72,7 @@ class KTOModule(AlignModule):
         self.reference: Reference | None = None
         self.val_desirable, self.val_undesirable, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
 
-    def configure_model(self) -> None:
-        super().configure_model()
+    def make_reference(self) -> None:
         if self.reference is None:
             self.reference = Reference(self.model)
 

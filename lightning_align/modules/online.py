@@ -93,8 +93,7 @@ class OnlineRLModule(AlignModule):
     def needs_reference(self) -> bool:
         return True
 
-    def configure_model(self) -> None:
-        super().configure_model()
+    def make_reference(self) -> None:
         if self.reference is None and self.needs_reference:
             self.reference = Reference(self.model)
 

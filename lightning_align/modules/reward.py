@@ -32,6 +32,7 @@ class RewardModule(AlignModule):
     """
 
     batch_kind = "preference"
+    shards_proven = True  # tests/distributed/test_fsdp.py
 
     auto_class_name = "AutoModelForSequenceClassification"
     trained_heads = ("score",)  # trained in full and saved alongside a LoRA adapter
@@ -63,7 +64,8 @@ class RewardModule(AlignModule):
 
     def scoring_plan(self, batch: dict) -> ScoringPlan:
         rows = {key: batch[key][:CHECKED_ROWS] for key in ("input_ids", "attention_mask")}
-        packing = self.padding_free and body_and_score_head(self.model) is not None
+        # Sharded, the score head runs only inside the model's own forward (which gathers the root's weights).
+        packing = self.padding_free and body_and_score_head(self.model) is not None and not self.weights_sharded
         return self.scoring.plan(
             self.model,
             lambda plan: batch_rewards(self.model, rows, plan),
@@ -82,8 +84,10 @@ class RewardModule(AlignModule):
 
     def training_step(self, batch, batch_idx):
         loss, chosen, rejected = self.reward_step(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(chosen))
-        self.log("train/accuracy", (chosen > rejected).float().mean(), prog_bar=True, batch_size=len(chosen))
+        sync = self._trainer is not None and self.trainer.world_size > 1  # the global batch's, as one process logs
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(chosen), sync_dist=sync)
+        accuracy = (chosen > rejected).float().mean()
+        self.log("train/accuracy", accuracy, prog_bar=True, batch_size=len(chosen), sync_dist=sync)
         return self.finite_or_none(loss, batch_idx)
 
     def on_validation_epoch_start(self) -> None:

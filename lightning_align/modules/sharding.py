@@ -35,8 +35,8 @@ def check_mesh(module_name: str, mesh, proven: bool) -> None:
     if not proven:
         raise ValueError(
             f"{module_name} is not yet proven under ModelParallelStrategy (FSDP2): its sharded run is not shown equal "
-            "to one process, so it is not run. Use strategy='ddp' (every process holds the whole model); SFTModule "
-            "is proven sharded so far"
+            "to one process, so it is not run. Use strategy='ddp' (every process holds the whole model). Proven "
+            "sharded so far: SFTModule, RewardModule, DPOModule and ORPOModule"
         )
 
 

@@ -2,10 +2,11 @@
 
     python fsdp_run.py OUT_DIR DEVICES
 
-On 2 devices each case trains sharded (Lightning's ModelParallelStrategy: FSDP2 over a data-parallel mesh of 2), on
-1 device unsharded, 3 steps with a global batch of 8 (4 per process on 2), exporting at the end. Rank 0 saves the
-whole trained weights (gathered from the shards) and the validation loss to OUT_DIR/<case>-<devices>.pt. On 2
-devices it then records what is refused at start (OUT_DIR/refused.pt).
+On 2 devices each case (SFT, reward model, DPO, ORPO) trains sharded (Lightning's ModelParallelStrategy: FSDP2
+over a data-parallel mesh of 2), on 1 device unsharded, 3 steps with a global batch of 8 (4 per process on 2),
+exporting at the end. Rank 0 saves the whole trained weights (gathered from the shards), the logged losses and
+the validation metric to OUT_DIR/<case>-<devices>.pt. On 2 devices it then records what is refused at start
+(OUT_DIR/refused.pt).
 """
 
 import sys
@@ -15,18 +16,34 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_align import DPOModule, ExportPretrained, LoRA, PreferenceDataModule, SFTDataModule, SFTModule
+from lightning_align import (
+    DPOModule,
+    ExportPretrained,
+    KTOModule,
+    LoRA,
+    ORPOModule,
+    PreferenceDataModule,
+    RewardModule,
+    SFTDataModule,
+    SFTModule,
+    UnpairedPreferenceDataModule,
+)
 from lightning_align.demos.assets import DEMO_MODEL
 from lightning_align.modules.sharding import full_state_dict, is_sharded
 
-CASES = ["sft", "sft-lora"]
+CASES = ["sft", "sft-lora", "reward", "dpo", "dpo-ipo-lora", "orpo"]
 
 
 class LoggedLosses(L.Callback):
-    """The `train/loss` each step logs."""
+    """The `train/loss` each step logs, and (unsharded) the weights training starts from."""
 
     def __init__(self):
         self.values = []
+        self.initial = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.world_size == 1:
+            self.initial = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.values.append(trainer.callback_metrics["train/loss"].item())
@@ -56,6 +73,25 @@ def sft_data(devices: int) -> SFTDataModule:
     return SFTDataModule(DEMO_MODEL, "demo:sft_train", "demo:sft_val", batch_size=8 // devices, max_length=64)
 
 
+def case(name: str, devices: int):
+    """The module, its data (a global batch of 8 rows or pairs) and the validation metric to compare."""
+    if name.startswith("sft"):
+        return SFTModule(DEMO_MODEL, learning_rate=1e-3), sft_data(devices), "val/loss"
+    data = preference_data(devices)
+    if name == "reward":
+        return RewardModule(DEMO_MODEL, learning_rate=1e-3), data, "val/accuracy"
+    if name == "orpo":
+        return ORPOModule(DEMO_MODEL, learning_rate=1e-3), data, "val/loss"
+    loss_type = "ipo" if "ipo" in name else "sigmoid"
+    return DPOModule(DEMO_MODEL, loss_type=loss_type, learning_rate=1e-3), data, "val/rewards/margins"
+
+
+def preference_data(devices: int) -> PreferenceDataModule:
+    return PreferenceDataModule(
+        DEMO_MODEL, "demo:preference_train", "demo:preference_val", batch_size=8 // devices, max_length=64
+    )
+
+
 def main(out: Path, devices: int) -> None:
     torch.set_num_threads(1)
     for name in CASES:
@@ -66,8 +102,8 @@ def main(out: Path, devices: int) -> None:
         losses = LoggedLosses()
         callbacks.append(losses)
         fit = trainer(devices, run, callbacks)
-        module = SFTModule(DEMO_MODEL, learning_rate=1e-3)
-        fit.fit(module, datamodule=sft_data(devices))
+        module, data, metric = case(name, devices)
+        fit.fit(module, datamodule=data)
         sharded = is_sharded(module.model)
         weights = full_state_dict(module.model) if sharded else module.model.state_dict()
         if fit.is_global_zero:
@@ -76,8 +112,9 @@ def main(out: Path, devices: int) -> None:
                 {
                     "weights": {k: v.detach().clone() for k, v in weights.items()},
                     "trainable": sorted(n for n in trainable if "lora_" in n or not name.endswith("lora")),
-                    "val": fit.callback_metrics["val/loss"].item(),
+                    "val": fit.callback_metrics[metric].item(),
                     "losses": losses.values,
+                    "initial": losses.initial,
                     "sharded": sharded,
                     "world_size": fit.world_size,
                 },
@@ -87,11 +124,12 @@ def main(out: Path, devices: int) -> None:
         return
     refused = {}
     attempts = {
-        "dpo": lambda: (
-            DPOModule(DEMO_MODEL),
-            PreferenceDataModule(DEMO_MODEL, "demo:preference_train", batch_size=4, max_length=64),
+        "kto": lambda: (
+            KTOModule(DEMO_MODEL),
+            UnpairedPreferenceDataModule(DEMO_MODEL, "demo:preference_train", batch_size=4, max_length=64),
             {},
         ),
+        "dpo_precomputed": lambda: (DPOModule(DEMO_MODEL, precompute_ref_logps=True), preference_data(devices), {}),
         # Lightning's defaults: every process on the tensor-parallel axis
         "tensor_parallel": lambda: (
             SFTModule(DEMO_MODEL),
