@@ -47,6 +47,7 @@ class KTOModule(AlignModule):
 
     batch_kind = "unpaired"
     uses_reference = True
+    shards_proven = True  # tests/distributed/test_fsdp.py, with a live reference
 
     def __init__(
         self,
@@ -89,6 +90,14 @@ class KTOModule(AlignModule):
             self.precompute_reference(datamodule)
             kind = f"precomputed from the {kind}"
         rank_zero_info(f"KTOModule reference: {kind}")
+
+    def shard_model(self) -> None:
+        if self.precompute_ref_logps:
+            raise ValueError(
+                "precompute_ref_logps under ModelParallelStrategy is not supported yet (each process would score "
+                "a different number of batches through the sharded reference); use strategy='ddp' or a live reference"
+            )
+        super().shard_model()
 
     def precompute_reference(self, datamodule) -> None:
         if getattr(datamodule, "train_set", None) is None:
@@ -134,6 +143,13 @@ class KTOModule(AlignModule):
         """How `model` scores batches: decided (and checked on a few rows of this batch) at the first one."""
         return batch_scoring_plan(self.scoring, model, batch, self.weights_sharded, self.padding_free)
 
+    def over_all_processes(self, *values: torch.Tensor) -> list[torch.Tensor]:
+        """Per-row values of every process's micro-batch, concatenated (as TRL gathers them for the KL point): the
+        reference point is the global batch's, as one process with the whole batch estimates it."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return list(values)
+        return [self.all_gather(value.detach()).flatten() for value in values]
+
     def kto_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Per example losses and rewards of a batch, and the batch's KL estimate."""
         examples, mismatched = batch_halves(batch)
@@ -141,7 +157,7 @@ class KTOModule(AlignModule):
         with torch.no_grad():  # the reference point carries no gradient: no backward through these rows
             policy_kl = response_logps(self.model, mismatched, plan=self.scoring_plan(self.model, mismatched))
         ref, ref_kl = self.reference_logps(batch)
-        kl = kto_kl(policy_kl, ref_kl)
+        kl = kto_kl(*self.over_all_processes(policy_kl, ref_kl))
         losses, rewards = kto_loss(
             policy, ref, batch["desirable"], kl, self.beta, self.desirable_weight, self.undesirable_weight
         )
@@ -159,7 +175,8 @@ class KTOModule(AlignModule):
             metrics["rewards/desirable"] = out["rewards"][desirable].mean()
         if (~desirable).any():
             metrics["rewards/undesirable"] = out["rewards"][~desirable].mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(desirable))
+        sync = self._trainer is not None and self.trainer.world_size > 1  # the global batch's, as one process logs
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(desirable), sync_dist=sync)
         self.log_dict(metrics, batch_size=len(desirable))
         return self.finite_or_none(loss, batch_idx)
 

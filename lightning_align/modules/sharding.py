@@ -36,7 +36,7 @@ def check_mesh(module_name: str, mesh, proven: bool) -> None:
         raise ValueError(
             f"{module_name} is not yet proven under ModelParallelStrategy (FSDP2): its sharded run is not shown equal "
             "to one process, so it is not run. Use strategy='ddp' (every process holds the whole model). Proven "
-            "sharded so far: SFTModule, RewardModule, DPOModule and ORPOModule"
+            "sharded so far: SFTModule, RewardModule, DPOModule, ORPOModule and KTOModule"
         )
 
 

@@ -2,7 +2,7 @@
 
     python fsdp_run.py OUT_DIR DEVICES
 
-On 2 devices each case (SFT, reward model, DPO, ORPO) trains sharded (Lightning's ModelParallelStrategy: FSDP2
+On 2 devices each case (SFT, reward model, DPO, ORPO, KTO) trains sharded (Lightning's ModelParallelStrategy: FSDP2
 over a data-parallel mesh of 2), on 1 device unsharded, 3 steps with a global batch of 8 (4 per process on 2),
 exporting at the end. Rank 0 saves the whole trained weights (gathered from the shards), the logged losses and
 the validation metric to OUT_DIR/<case>-<devices>.pt. On 2 devices it then records what is refused at start
@@ -22,7 +22,9 @@ from lightning_align import (
     KTOModule,
     LoRA,
     ORPOModule,
+    PPOModule,
     PreferenceDataModule,
+    PromptDataModule,
     RewardModule,
     SFTDataModule,
     SFTModule,
@@ -31,7 +33,7 @@ from lightning_align import (
 from lightning_align.demos.assets import DEMO_MODEL
 from lightning_align.modules.sharding import full_state_dict, is_sharded
 
-CASES = ["sft", "sft-lora", "reward", "dpo", "dpo-ipo-lora", "orpo"]
+CASES = ["sft", "sft-lora", "reward", "dpo", "dpo-ipo-lora", "orpo", "kto"]
 
 
 class LoggedLosses(L.Callback):
@@ -77,6 +79,11 @@ def case(name: str, devices: int):
     """The module, its data (a global batch of 8 rows or pairs) and the validation metric to compare."""
     if name.startswith("sft"):
         return SFTModule(DEMO_MODEL, learning_rate=1e-3), sft_data(devices), "val/loss"
+    if name == "kto":
+        data = UnpairedPreferenceDataModule(
+            DEMO_MODEL, "demo:preference_train", "demo:preference_val", batch_size=8 // devices, max_length=64
+        )
+        return KTOModule(DEMO_MODEL, learning_rate=1e-3), data, "val/loss"
     data = preference_data(devices)
     if name == "reward":
         return RewardModule(DEMO_MODEL, learning_rate=1e-3), data, "val/accuracy"
@@ -124,9 +131,9 @@ def main(out: Path, devices: int) -> None:
         return
     refused = {}
     attempts = {
-        "kto": lambda: (
-            KTOModule(DEMO_MODEL),
-            UnpairedPreferenceDataModule(DEMO_MODEL, "demo:preference_train", batch_size=4, max_length=64),
+        "ppo": lambda: (
+            PPOModule(DEMO_MODEL, reward="lightning_align.demos:task_reward", max_new_tokens=4),
+            PromptDataModule(DEMO_MODEL, "demo:prompts_train", batch_size=4),
             {},
         ),
         "dpo_precomputed": lambda: (DPOModule(DEMO_MODEL, precompute_ref_logps=True), preference_data(devices), {}),

@@ -1,5 +1,5 @@
 """Sharded training through Lightning's ModelParallelStrategy (FSDP2 over a data-parallel mesh) with 2 CPU processes
-(gloo): SFT, the reward model, DPO (sigmoid full, IPO with LoRA) and ORPO train as one process does with the same
+(gloo): SFT, the reward model, DPO (sigmoid full, IPO with LoRA), ORPO and KTO train as one process does with the same
 global batch, export one consolidated Hugging Face folder, and what is not proven sharded (other methods, tensor
 parallelism, precomputed reference log-probs) is refused at start."""
 
@@ -26,7 +26,7 @@ def runs(tiny_model, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("case", ["sft", "sft-lora", "reward", "dpo", "dpo-ipo-lora", "orpo"])
+@pytest.mark.parametrize("case", ["sft", "sft-lora", "reward", "dpo", "dpo-ipo-lora", "orpo", "kto"])
 def test_two_sharded_processes_train_like_one_with_the_same_global_batch(runs, case):
     one, two = torch.load(runs / f"{case}-1.pt"), torch.load(runs / f"{case}-2.pt")
     assert two["sharded"] and not one["sharded"] and two["world_size"] == 2
@@ -63,8 +63,8 @@ def test_the_sharded_export_is_one_hugging_face_folder_with_the_whole_weights(ru
 
 def test_what_is_not_proven_sharded_is_refused_at_start(runs):
     refused = torch.load(runs / "refused.pt")
-    assert "KTOModule is not yet proven under ModelParallelStrategy" in refused["kto"]
-    assert "strategy='ddp'" in refused["kto"]
+    assert "PPOModule is not yet proven under ModelParallelStrategy" in refused["ppo"]
+    assert "strategy='ddp'" in refused["ppo"]
     assert "precompute_ref_logps under ModelParallelStrategy is not supported" in refused["dpo_precomputed"]
     assert "tensor parallelism is not supported" in refused["tensor_parallel"]
     assert "tensor_parallel_size 1" in refused["tensor_parallel"]
