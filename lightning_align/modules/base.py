@@ -17,9 +17,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_align.modules.batches import BATCH_KINDS, DATA_MODULES, batch_kind, real_tokens, sequence_lengths
-from lightning_align.modules.pretrained import disable_dropout, load_pretrained, name_base_model, save_tokenizer_from
-from lightning_align.modules.sharding import check_mesh, full_state_dict, is_sharded, shard
-from lightning_align.outputs import check_export_target, export_folder, report_output_places
+from lightning_align.modules.pretrained import (
+    disable_dropout,
+    export_model,
+    load_pretrained,
+)
+from lightning_align.modules.sharding import check_mesh, merges_adapter, shard
+from lightning_align.outputs import report_output_places
 from lightning_align.scoring.model import unwrapped
 
 
@@ -152,17 +156,13 @@ class AlignModule(L.LightningModule):
         """Set up the reference network, if the method has one (before any sharding, which shards it too)."""
 
     def shard_model(self) -> None:
-        check_mesh(type(self).__name__, self.device_mesh, self.shards_proven)
-        for callback in self.trainer.callbacks if self.adapter is not None else ():
-            if getattr(callback, "merge_adapter", False) or getattr(callback, "merge_on_save", False):
-                raise ValueError(
-                    f"{type(callback).__name__}: merging the adapter into sharded weights is not supported yet; "
-                    "export the adapter (merge_adapter=False) and merge it in one process"
-                )
-        shard(self.model, self.device_mesh["data_parallel"])
+        """FSDP2 over the strategy's data-parallel mesh: the policy, and a frozen reference copy alike."""
+        merging = [cb for cb in self.trainer.callbacks if self.adapter is not None and merges_adapter(cb)]
+        check_mesh(type(self).__name__, self.device_mesh, self.shards_proven, merging)
         reference = getattr(self, "reference", None)
-        if reference is not None and reference.network is not None:  # a frozen copy: sharded alike, never whole
-            shard(reference.network, self.device_mesh["data_parallel"])
+        copies = [reference.network] if reference is not None and reference.network is not None else []
+        for network in [self.model, *copies]:
+            shard(network, self.device_mesh["data_parallel"])
 
     def load_model(self, name_or_path: str | None = None, **kwargs) -> nn.Module:
         """The module's kind of Hugging Face model, from `name_or_path` (by default the module's own model)."""
@@ -389,28 +389,7 @@ class AlignModule(L.LightningModule):
         Writes only its own files (`lightning_align.outputs`): into a new or empty folder, complete or not at all
         (written beside it and renamed into place); a folder that holds anything else is refused unless
         `overwrite=True`, which replaces only the files an export writes; a path that is a file is refused."""
-        path = Path(path)
-        check_export_target(path, overwrite)  # on every process, so all of them stop alike
-        model = self.model
-        adapter = self.adapter
-        sharded = is_sharded(model)
-        if merge_adapter and adapter is not None:
-            if sharded:
-                raise ValueError("merging the adapter into sharded weights is not supported yet; export the adapter")
-            model = adapter.merged_copy(model, self)
-        state = full_state_dict(model) if sharded else None  # every process takes part in the gather
-        if self._trainer is None or self.trainer.is_global_zero:  # one writer under several processes
-            with export_folder(path, overwrite) as staging:
-                if hasattr(model, "peft_config"):  # the trained adapter only, not a frozen start copy beside it
-                    model.save_pretrained(staging, selected_adapters=["default"], state_dict=state)
-                    if self.model_name_or_path is not None:
-                        name_base_model(staging, self.model_name_or_path)
-                else:
-                    model.save_pretrained(staging, state_dict=state)
-                (staging / "README.md").unlink(missing_ok=True)  # peft's empty model card: not ours to write
-                if self.model_name_or_path is not None:
-                    save_tokenizer_from(self.model_name_or_path, staging)
-        return path
+        return export_model(self, Path(path), merge_adapter, overwrite)
 
 
 # Strategies that shard weights: the output layer's weight is whole only inside the model's own forward.

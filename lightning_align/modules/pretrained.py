@@ -9,6 +9,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_align.assets import hub_problem, resolve_model, why_not_loaded
+from lightning_align.modules.sharding import full_state_dict, is_sharded
+from lightning_align.outputs import check_export_target, export_folder
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -53,3 +55,29 @@ def save_tokenizer_from(name_or_path: str, path: Path) -> None:
         AutoTokenizer.from_pretrained(resolve_model(name_or_path)).save_pretrained(path)
     except (OSError, ValueError):
         rank_zero_info(f"no tokenizer saved with the model: none could be loaded from '{name_or_path}'")
+
+
+def export_model(module, path: Path, merge_adapter: bool, overwrite: bool) -> Path:
+    """`AlignModule.save_pretrained`: every process checks the target and takes part in gathering sharded
+    weights; the first process writes."""
+    check_export_target(path, overwrite)  # on every process, so all of them stop alike
+    model = module.model
+    adapter = module.adapter
+    sharded = is_sharded(model)
+    if merge_adapter and adapter is not None:
+        if sharded:
+            raise ValueError("merging the adapter into sharded weights is not supported yet; export the adapter")
+        model = adapter.merged_copy(model, module)
+    state = full_state_dict(model) if sharded else None  # every process takes part in the gather
+    if module._trainer is None or module.trainer.is_global_zero:  # one writer under several processes
+        with export_folder(path, overwrite) as staging:
+            if hasattr(model, "peft_config"):  # the trained adapter only, not a frozen start copy beside it
+                model.save_pretrained(staging, selected_adapters=["default"], state_dict=state)
+                if module.model_name_or_path is not None:
+                    name_base_model(staging, module.model_name_or_path)
+            else:
+                model.save_pretrained(staging, state_dict=state)
+            (staging / "README.md").unlink(missing_ok=True)  # peft's empty model card: not ours to write
+            if module.model_name_or_path is not None:
+                save_tokenizer_from(module.model_name_or_path, staging)
+    return path

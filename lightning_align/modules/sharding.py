@@ -22,9 +22,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def check_mesh(module_name: str, mesh, proven: bool) -> None:
-    """Refuse what would run unsynchronised or unproven: tensor parallelism, or a method not yet proven equal to
-    one process when sharded."""
+def merges_adapter(callback) -> bool:
+    return bool(getattr(callback, "merge_adapter", False) or getattr(callback, "merge_on_save", False))
+
+
+def check_mesh(module_name: str, mesh, proven: bool, merging: list) -> None:
+    """Refuse what would run unsynchronised or unproven: tensor parallelism, a method not yet proven equal to one
+    process when sharded, or callbacks that would merge an adapter into sharded weights."""
     tensor_parallel = mesh["tensor_parallel"].size() if "tensor_parallel" in (mesh.mesh_dim_names or ()) else 1
     if tensor_parallel > 1:
         raise ValueError(
@@ -37,6 +41,11 @@ def check_mesh(module_name: str, mesh, proven: bool) -> None:
             f"{module_name} is not yet proven under ModelParallelStrategy (FSDP2): its sharded run is not shown equal "
             "to one process, so it is not run. Use strategy='ddp' (every process holds the whole model). Proven "
             "sharded so far: SFTModule, RewardModule, DPOModule, ORPOModule and KTOModule"
+        )
+    for callback in merging:
+        raise ValueError(
+            f"{type(callback).__name__}: merging the adapter into sharded weights is not supported yet; export the "
+            "adapter (merge_adapter=False) and merge it in one process"
         )
 
 
