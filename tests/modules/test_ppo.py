@@ -156,10 +156,12 @@ def train_on_the_task_reward(
 @pytest.mark.slow
 @pytest.mark.learning
 def test_ppo_raises_the_heldout_task_reward_with_bounded_kl(sft_model, task_files, tmp_path):
-    # 800 steps at kl_coef 0.05, validated on all 200 held-out prompts: at 300 steps and 0.1 on 128 prompts the
-    # result swung with the machine's rounding (benchmarks/NOTES.md, "Learning tests across machines").
+    # 1600 steps at learning rate 2e-4 (kl_coef 0.05), validated on all 200 held-out prompts: at 5e-4 for 800 steps
+    # the full-weight run plateaued next to its 2x bar (0.354-0.408 from 0.185 over seeds at 2 threads); the
+    # lower rate keeps the KL lower and the reward higher on every seed, thread count and CPU kernel measured
+    # (benchmarks/NOTES.md, "Learning tests across machines").
     module, before, after, logged = train_on_the_task_reward(
-        sft_model, task_files, tmp_path, max_steps=800, learning_rate=5e-4, kl_coef=0.05
+        sft_model, task_files, tmp_path, max_steps=1600, learning_rate=2e-4, kl_coef=0.05
     )
     report_gain(before, after, f"KL {logged['kl']:.2f}")
     assert set(logged) == set(METRICS)
