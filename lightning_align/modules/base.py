@@ -158,7 +158,8 @@ class AlignModule(L.LightningModule):
     def shard_model(self) -> None:
         """FSDP2 over the strategy's data-parallel mesh: the policy, and a frozen reference copy alike."""
         merging = [cb for cb in self.trainer.callbacks if self.adapter is not None and merges_adapter(cb)]
-        check_mesh(type(self).__name__, self.device_mesh, self.shards_proven, merging)
+        precomputed = getattr(self, "precompute_ref_logps", False)
+        check_mesh(type(self).__name__, self.device_mesh, self.shards_proven, merging, precomputed)
         reference = getattr(self, "reference", None)
         copies = [reference.network] if reference is not None and reference.network is not None else []
         for network in [self.model, *copies]:

@@ -202,14 +202,6 @@ class DPOModule(AlignModule):
             explicit = None if self.ref_model_path is None else frozen(self.load_model(self.ref_model_path))
             self.reference = Reference(self.model, explicit)
 
-    def shard_model(self) -> None:
-        if self.precompute_ref_logps:
-            raise ValueError(
-                "precompute_ref_logps under ModelParallelStrategy is not supported yet (each process would score "
-                "a different number of batches through the sharded reference); use strategy='ddp' or a live reference"
-            )
-        super().shard_model()
-
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.reference_free:

@@ -91,14 +91,6 @@ class KTOModule(AlignModule):
             kind = f"precomputed from the {kind}"
         rank_zero_info(f"KTOModule reference: {kind}")
 
-    def shard_model(self) -> None:
-        if self.precompute_ref_logps:
-            raise ValueError(
-                "precompute_ref_logps under ModelParallelStrategy is not supported yet (each process would score "
-                "a different number of batches through the sharded reference); use strategy='ddp' or a live reference"
-            )
-        super().shard_model()
-
     def precompute_reference(self, datamodule) -> None:
         if getattr(datamodule, "train_set", None) is None:
             raise ValueError(

@@ -26,9 +26,10 @@ def merges_adapter(callback) -> bool:
     return bool(getattr(callback, "merge_adapter", False) or getattr(callback, "merge_on_save", False))
 
 
-def check_mesh(module_name: str, mesh, proven: bool, merging: list) -> None:
+def check_mesh(module_name: str, mesh, proven: bool, merging: list, precomputed: bool = False) -> None:
     """Refuse what would run unsynchronised or unproven: tensor parallelism, a method not yet proven equal to one
-    process when sharded, or callbacks that would merge an adapter into sharded weights."""
+    process when sharded, callbacks that would merge an adapter into sharded weights, or precomputed reference
+    log-probs (each process would score a different number of batches through the sharded reference)."""
     tensor_parallel = mesh["tensor_parallel"].size() if "tensor_parallel" in (mesh.mesh_dim_names or ()) else 1
     if tensor_parallel > 1:
         raise ValueError(
@@ -41,6 +42,11 @@ def check_mesh(module_name: str, mesh, proven: bool, merging: list) -> None:
             f"{module_name} is not yet proven under ModelParallelStrategy (FSDP2): its sharded run is not shown equal "
             "to one process, so it is not run. Use strategy='ddp' (every process holds the whole model). Proven "
             "sharded so far: SFTModule, RewardModule, DPOModule, ORPOModule and KTOModule"
+        )
+    if precomputed:
+        raise ValueError(
+            "precompute_ref_logps under ModelParallelStrategy is not supported yet (each process would score a "
+            "different number of batches through the sharded reference); use strategy='ddp' or a live reference"
         )
     for callback in merging:
         raise ValueError(
