@@ -2,13 +2,12 @@
 global batch; validation metrics are reduced across processes; only the first process writes files."""
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.distributed import run_on_two_and_one
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 CASES = ["sft", "sft-lora", "reward", "dpo", "dpo-lora", "dpo-precomputed", "ppo-lora"]
@@ -16,14 +15,7 @@ CASES = ["sft", "sft-lora", "reward", "dpo", "dpo-lora", "dpo-precomputed", "ppo
 
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SCRIPT.parents[2])}
-    for devices in (2, 1):
-        done = subprocess.run(
-            [sys.executable, str(SCRIPT), str(out), str(devices)], env=env, capture_output=True, text=True, timeout=600
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return run_on_two_and_one(SCRIPT, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("ppo")])

@@ -3,27 +3,19 @@
 global batch, export one consolidated Hugging Face folder, and what is not proven sharded (other methods, tensor
 parallelism, precomputed reference log-probs) is refused at start."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.distributed import run_on_two_and_one
 
 SCRIPT = Path(__file__).with_name("fsdp_run.py")
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SCRIPT.parents[2])}
-    for devices in (2, 1):
-        done = subprocess.run(
-            [sys.executable, str(SCRIPT), str(out), str(devices)], env=env, capture_output=True, text=True, timeout=600
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return run_on_two_and_one(SCRIPT, tmp_path_factory.mktemp("fsdp"))
 
 
 @pytest.mark.parametrize("case", ["sft", "sft-lora", "reward", "dpo", "dpo-ipo-lora", "orpo", "kto"])
