@@ -112,11 +112,15 @@ class AlignCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not ckpt_path:
+            return
+        # A distributed checkpoint (sharded strategies) is a folder; its meta.pt holds what is not weights.
+        path = Path(ckpt_path) / "meta.pt" if Path(ckpt_path).is_dir() else Path(ckpt_path)
+        if not path.is_file():
             return
         import torch
 
-        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        saved = torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
         given = self.config[subcommand].get("model", {}).get("init_args", {})
         changed = [
             f"{key}: {saved[key]!r} -> {value!r}"

@@ -14,7 +14,7 @@ class LastCheckpoint(ModelCheckpoint):
     a run of any length leaves a checkpoint to resume from: `--ckpt_path <dirpath>/last.ckpt`.
 
     A run that resumes from a checkpoint writes its `last.ckpt` over the one it continues. A new run (no
-    `ckpt_path`) into a folder that already holds a `last.ckpt` is refused when `fit` starts, since that file is
+    `ckpt_path`) into a folder that already holds a `last.ckpt` is refused before the first step, since that file is
     another run's: resume it, give the new run another `default_root_dir`, or pass `overwrite=True`."""
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 50, overwrite: bool = False):
@@ -47,7 +47,10 @@ class LastCheckpoint(ModelCheckpoint):
             self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         super().setup(trainer, pl_module, stage)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        # Not at fit start: sharded strategies (ModelParallelStrategy, FSDP) load the checkpoint after it, and only
+        # then is `trainer.ckpt_path` set. Still before the first step.
+        super().on_train_start(trainer, pl_module)
         self.check_new_run(trainer, trainer.ckpt_path)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:

@@ -14,7 +14,7 @@ class ExportPretrained(L.Callback):
     tokenizer) that the next stage names as its model, or with an adapter callback and `merge_adapter=False`,
     the adapter alone.
 
-    The folder is checked when `fit` starts, so a run never trains to find its export refused: it must be new or
+    The folder is checked before the first step, so a run never trains to find its export refused: it must be new or
     empty (or, when resuming from a checkpoint, hold only the earlier export of this run), unless `overwrite=True`,
     which replaces only the files an export writes. The run's checkpoints and logs are never touched.
 
@@ -34,7 +34,8 @@ class ExportPretrained(L.Callback):
     def output_place(self, trainer: L.Trainer) -> str:
         return f"export in {self.export_dir(trainer)}"
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        # before the first step, once a resumed run's checkpoint is loaded (sharded strategies load it after fit start)
         check_export_target(self.export_dir(trainer), may_replace(trainer, self.export_dir(trainer), self.overwrite))
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:

@@ -96,7 +96,7 @@ class LoRA(L.Callback, ModelAdapter):
             without a `default_root_dir`, `adapter` in Lightning's checkpoint folder or the logger's version
             folder); with `merge_on_save`, a merged plain model is saved to `<save_dir>/merged` as well. With each
             checkpoint the adapter is also saved beside it, as `adapter-step-N` in the checkpoint folder. The
-            folder follows the export contract (`ExportPretrained`): checked when `fit` starts, new or empty
+            folder follows the export contract (`ExportPretrained`): checked before the first step, new or empty
             unless `overwrite=True` (or a resumed run replacing its own earlier adapter).
         init_adapter: a peft adapter folder to start from (for example the adapter export of an SFT run).
         init_mode: "continue" (the default) trains that adapter further, keeping its own rank and targets; "merge"
@@ -244,7 +244,8 @@ class LoRA(L.Callback, ModelAdapter):
                 f"{missing[0]}); was it written with another adapter configuration?"
             )
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        # before the first step, once a resumed run's checkpoint is loaded (sharded strategies load it after fit start)
         folder = self.adapter_dir(trainer)
         check_export_target(folder, may_replace(trainer, folder, self.overwrite), "adapter")
 

@@ -160,10 +160,13 @@ class AlignModule(L.LightningModule):
         merging = [cb for cb in self.trainer.callbacks if self.adapter is not None and merges_adapter(cb)]
         precomputed = getattr(self, "precompute_ref_logps", False)
         check_mesh(type(self).__name__, self.device_mesh, self.shards_proven, merging, precomputed)
-        reference = getattr(self, "reference", None)
-        copies = [reference.network] if reference is not None and reference.network is not None else []
-        for network in [self.model, *copies]:
+        for network in self.networks_to_shard():
             shard(network, self.device_mesh["data_parallel"])
+
+    def networks_to_shard(self) -> list[nn.Module]:
+        """The policy, and the method's other networks that are not part of it (a frozen reference copy, ...)."""
+        reference = getattr(self, "reference", None)
+        return [self.model, *([reference.network] if reference is not None and reference.network is not None else [])]
 
     def load_model(self, name_or_path: str | None = None, **kwargs) -> nn.Module:
         """The module's kind of Hugging Face model, from `name_or_path` (by default the module's own model)."""

@@ -187,7 +187,9 @@ class GRPOModule(OnlineRLModule):
                 rollout["ref_logprobs"], _ = self.response_logps(reference, rollout)
         reward = rollout["reward"]
         if self.advantage == "grpo":
-            rollout["advantages"] = group_advantages(reward, self.num_generations, self.scale_rewards)
+            rollout["advantages"] = self.over_global_batch(
+                lambda r: group_advantages(r, self.num_generations, self.scale_rewards), reward
+            )
         elif self.advantage == "rloo":
             rollout["advantages"] = rloo_advantages(reward, self.num_generations)
         else:
@@ -195,9 +197,9 @@ class GRPOModule(OnlineRLModule):
             token_rewards = -self.beta * kl * rollout["mask"]
             last = rollout["mask"].sum(-1).clamp(min=1).long() - 1
             token_rewards[torch.arange(samples), last] += torch.nan_to_num(reward)
-            advantages = reinforce_pp_advantages(token_rewards, rollout["mask"])
+            advantages = self.over_global_batch(reinforce_pp_advantages, token_rewards, rollout["mask"])
             rollout["advantages"] = torch.where(reward.isnan()[:, None], 0.0, advantages)
-            rollout["kl"] = float((kl * rollout["mask"]).sum(-1).mean())
+            rollout["kl"] = float(self.all_rows((kl * rollout["mask"]).sum(-1)).mean())
         rollout["time/score"] = time.perf_counter() - started
         return rollout
 
@@ -207,10 +209,11 @@ class GRPOModule(OnlineRLModule):
         samples = len(rollout["sequences"])
         size = self.minibatch_size or samples
         minibatches = -(-samples // size)
-        # DAPO's token mean over the whole generation batch, spread evenly over its mini-batches.
-        num_tokens = rollout["loss_mask"].sum() / minibatches
+        # DAPO's token mean over the whole generation batch (every process's), spread evenly over its mini-batches;
+        # the processes' gradients are averaged, hence the division by their number.
+        num_tokens = self.global_sum(rollout["loss_mask"].sum()) / self.processes / minibatches
         for _ in range(self.num_iterations):
-            order = torch.randperm(samples, device=rollout["sequences"].device) if minibatches > 1 else None
+            order = self.own_rows_order(samples, rollout["sequences"].device) if minibatches > 1 else None
             for rows in order.split(size) if order is not None else [slice(None)]:
                 if self.steps_left() == 0:  # max_steps counts optimiser steps: stop mid rollout batch
                     break
@@ -240,7 +243,12 @@ class GRPOModule(OnlineRLModule):
             max_completion_length=self.sampling["max_new_tokens"],
             num_tokens=num_tokens,
         )
-        stats["entropy"] = masked_mean(-logprobs.detach(), rollout["mask"][rows])
+        # Token means, each over the global mini-batch once the processes' are averaged for the log.
+        share = self.token_share(rollout["loss_mask"][rows])
+        stats = {name: value * share for name, value in stats.items()}
+        stats["entropy"] = masked_mean(-logprobs.detach(), rollout["mask"][rows]) * self.token_share(
+            rollout["mask"][rows]
+        )
         return loss, stats
 
     def step_loss(self, rollout: dict) -> torch.Tensor:

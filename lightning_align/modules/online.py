@@ -5,7 +5,7 @@ optimiser steps per rollout batch, `max_steps` counting optimiser steps."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -15,7 +15,8 @@ from torchmetrics import MeanMetric
 from lightning_align.modules.base import AlignModule, ModelSource
 from lightning_align.modules.reference import Reference
 from lightning_align.modules.rewards import Rewards, RewardSource
-from lightning_align.modules.sampling import Sampler
+from lightning_align.modules.sampling import ProcessShare, Sampler
+from lightning_align.modules.sharding import gathered_while_decoding
 from lightning_align.scoring.model import eval_mode
 from lightning_align.scoring.plan import CHECKED_ROWS, Scoring, ScoringPlan, output_weight
 from lightning_align.scoring.responses import response_forward
@@ -59,6 +60,7 @@ class OnlineRLModule(AlignModule):
 
     batch_kind = "prompts"
     uses_reference = True
+    shards_proven = True  # tests/distributed/test_fsdp.py: PPO and GRPO, full and LoRA, 2 processes equal to one
 
     def __init__(
         self,
@@ -142,7 +144,7 @@ class OnlineRLModule(AlignModule):
         if num_return_sequences > 1:
             input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
             attention_mask = attention_mask.repeat_interleave(num_return_sequences, 0)
-        with eval_mode(self.model):
+        with eval_mode(self.model), gathered_while_decoding(self.model):
             sequences, sampled_logprobs = self.sampler(
                 self.model,
                 input_ids,
@@ -151,9 +153,57 @@ class OnlineRLModule(AlignModule):
                 pad_token_id=self.tokenizer.pad_token_id,
                 greedy=greedy,
                 logprobs=logprobs,
+                share=self.process_share(num_return_sequences),
                 **self.sampling,
             )
         return (sequences, sampled_logprobs) if logprobs else sequences
+
+    def process_share(self, group: int) -> ProcessShare | None:
+        if self._trainer is None:
+            return None
+        strategy = self.trainer.strategy
+
+        def any_running(running: bool) -> bool:
+            return strategy.reduce_boolean_decision(running, all=False)
+
+        return ProcessShare(self.trainer.global_rank, self.trainer.world_size, group, any_running)
+
+    # ----- the global batch: statistics over every process's rows ------------------------------------------------
+    @property
+    def processes(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def over_global_batch(self, function: Callable[..., torch.Tensor], *rows: torch.Tensor) -> torch.Tensor:
+        """`function` of the global batch's rows (every process's, each process holding as many), returning this
+        process's: batch statistics (whitening, a batch std) then equal those of one process with the whole batch."""
+        if self.processes == 1:
+            return function(*rows)
+        gathered = [self.all_rows(row) for row in rows]
+        mine = len(rows[0])
+        return function(*gathered)[self.trainer.global_rank * mine : (self.trainer.global_rank + 1) * mine]
+
+    def all_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every process's rows (this one's alone with one process)."""
+        return rows if self.processes == 1 else self.all_gather(rows.contiguous()).flatten(0, 1)
+
+    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return value if self.processes == 1 else self.trainer.strategy.reduce(value.clone(), reduce_op="sum")
+
+    def token_share(self, mask: torch.Tensor) -> torch.Tensor:
+        """This process's share of the global mini-batch's tokens, times the processes: a token mean over this
+        process's rows times it, averaged over the processes (as their gradients are), is the global token mean."""
+        if self.processes == 1:
+            return mask.new_ones(())
+        tokens = mask.sum()
+        return tokens * self.processes / self.global_sum(tokens).clamp(min=1)
+
+    def own_rows_order(self, rows: int, device) -> torch.Tensor:
+        """A random order of this process's rows, drawn as one process with the whole batch draws its order (the
+        same random numbers on every process): with one mini-batch per pass, the processes then learn as it does."""
+        if self.processes == 1:
+            return torch.randperm(rows, device=device)
+        order = torch.randperm(rows * self.processes, device=device)
+        return order[order % self.processes == self.trainer.global_rank] // self.processes
 
     @property
     def sampled_logprobs_exact(self) -> bool:
@@ -178,7 +228,7 @@ class OnlineRLModule(AlignModule):
             name: [v for v in values for _ in range(group_size)] for name, values in batch.get("fields", {}).items()
         }
         each = self.rewards.score(prompts, completions, fields).to(self.device)
-        return each, self.rewards.combine(each, group_size)
+        return each, self.over_global_batch(lambda scores: self.rewards.combine(scores, group_size), each)
 
     # ----- log-probs of the responses ----------------------------------------------------------------------------
     def scoring_plan(self, model: nn.Module, sequences, attention_mask, prompt_length: int, mask) -> ScoringPlan:
@@ -268,6 +318,10 @@ class OnlineRLModule(AlignModule):
 
     def log_rollout(self, stats: dict[str, float], samples: int) -> None:
         """Every rollout batch's metrics to the loggers (not every `log_every_n_steps`), a few in the progress bar."""
+        if self.processes > 1:  # the global batch's, as one process with the whole batch logs them
+            values = torch.tensor(list(stats.values()), dtype=torch.float64, device=self.device)
+            averaged = self.trainer.strategy.reduce(values, reduce_op="mean").tolist()
+            stats = dict(zip(stats, averaged, strict=True))
         progress = {"reward": stats["reward/mean"], "len": stats["response_length"]}
         if "kl" in stats:
             progress["kl"] = stats["kl"]
@@ -278,14 +332,18 @@ class OnlineRLModule(AlignModule):
         self.logged_rollout = stats  # read by tests and benchmarks
 
     def reward_stats(self, rollout: dict) -> dict[str, float]:
-        reward = rollout["reward"]
+        """The rewards' statistics over the global batch (every process's rows)."""
+        reward, each, lengths, ended = (
+            self.all_rows(rows)
+            for rows in (rollout["reward"], rollout["each_reward"], rollout["mask"].sum(-1), rollout["ended"].float())
+        )
         scored = reward[~reward.isnan()]
         return {
             "reward/mean": float(scored.mean()) if len(scored) else float("nan"),
             "reward/std": float(scored.std()) if len(scored) > 1 else 0.0,
-            **self.rewards.means(rollout["each_reward"]),
-            "response_length": float(rollout["mask"].sum(-1).mean()),
-            "completions/truncated": float((~rollout["ended"]).float().mean()),
+            **self.rewards.means(each),
+            "response_length": float(lengths.mean()),
+            "completions/truncated": float(1 - ended.mean()),
         }
 
     # ----- validation: mean reward of greedy completions ---------------------------------------------------------

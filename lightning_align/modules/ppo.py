@@ -116,8 +116,9 @@ class PPOModule(OnlineRLModule):
         self.value_head: nn.Linear | None = None
 
     # ----- set-up ------------------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        super().configure_model()
+    def make_reference(self) -> None:
+        """The reference, and the value model (before any sharding, which shards it too)."""
+        super().make_reference()
         if self.critic_source is not None and self.critic is None:
             self.critic = load_critic(self.critic_source, self.model.config.vocab_size)
         if self.disable_dropout and self.critic is not None:  # the policy's is off already (AlignModule)
@@ -126,6 +127,9 @@ class PPOModule(OnlineRLModule):
             self.value_head = nn.Linear(self.model.config.hidden_size, 1)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
+
+    def networks_to_shard(self) -> list[nn.Module]:
+        return [*super().networks_to_shard(), *(n for n in (self.critic, self.value_head) if n is not None)]
 
     # ----- per-token quantities ----------------------------------------------------------------------------------
     def policy_forward(self, rollout: dict, rows=slice(None), with_values: bool = True):
@@ -177,7 +181,7 @@ class PPOModule(OnlineRLModule):
             scores = scores - self.missing_eos_penalty * (~rollout["ended"]).float()
         shaped = scores
         if self.whiten_scores:
-            shaped = whiten(shaped, torch.ones_like(shaped), shift_mean=False)
+            shaped = self.over_global_batch(lambda s: whiten(s, torch.ones_like(s), shift_mean=False), shaped)
         if self.score_clip is not None:
             shaped = shaped.clamp(-self.score_clip, self.score_clip)
         mask = rollout["mask"]
@@ -188,12 +192,12 @@ class PPOModule(OnlineRLModule):
         advantages, returns = gae(rewards, values * mask, mask, self.gamma, self.lam)
         rollout |= {
             "values": values,
-            "advantages": whiten(advantages, mask) * mask,
+            "advantages": self.over_global_batch(whiten, advantages, mask) * mask,
             "returns": returns,
             "scores": scores,
-            "kl": kl.sum(-1).mean(),
+            "kl": self.all_rows(kl.sum(-1)).mean(),  # the global batch's: every process's controller moves alike
             # The sampled tokens' mean -log p: an unbiased estimate of the policy's per-token entropy.
-            "entropy": masked_mean(-rollout["logprobs"], mask),
+            "entropy": masked_mean(self.all_rows(-rollout["logprobs"]), self.all_rows(mask)),
             "time/score": time.perf_counter() - started,
         }
         return rollout
@@ -203,7 +207,7 @@ class PPOModule(OnlineRLModule):
         totals: dict[str, list[float]] = {}
         n = len(rollout["sequences"])
         for _ in range(self.ppo_epochs):
-            for index in torch.randperm(n, device=rollout["sequences"].device).split(self.minibatch_size):
+            for index in self.own_rows_order(n, rollout["sequences"].device).split(self.minibatch_size):
                 if self.steps_left() == 0:  # max_steps counts optimiser steps: stop mid rollout batch
                     break
                 losses: dict[str, torch.Tensor] = {}
@@ -220,15 +224,18 @@ class PPOModule(OnlineRLModule):
         mask = rollout["mask"][index]
         separate = self.critic is not None
         logprobs, values = self.policy_forward(rollout, index, with_values=not separate)
-        policy_loss, stats["policy/clipfrac"], stats["policy/approx_kl"] = ppo_policy_loss(
+        share = self.token_share(mask)  # token means over the global mini-batch (the processes' are averaged)
+        policy_loss, clipfrac, approx_kl = ppo_policy_loss(
             logprobs, rollout["logprobs"][index], rollout["advantages"][index], mask, self.clip_eps
         )
+        policy_loss = policy_loss * share
+        stats |= {"policy/clipfrac": clipfrac * share, "policy/approx_kl": approx_kl * share}
         stats["loss/policy"] = policy_loss.detach()
         if separate:
             yield policy_loss
             values = self.critic_values(rollout, index)
         old_values, returns = rollout["values"][index], rollout["returns"][index]
-        value_loss = ppo_value_loss(values, old_values, returns, mask, self.value_clip_eps)
+        value_loss = ppo_value_loss(values, old_values, returns, mask, self.value_clip_eps) * share
         stats["loss/value"] = value_loss.detach()
         yield self.vf_coef * value_loss if separate else policy_loss + self.vf_coef * value_loss
 
@@ -251,7 +258,7 @@ class PPOModule(OnlineRLModule):
             "time/score": rollout["time/score"],
             "time/learn": time.perf_counter() - learning,
         }
-        self.kl_controller.update(kl, len(rollout["sequences"]))
+        self.kl_controller.update(kl, len(rollout["sequences"]) * self.processes)
         self.log_rollout(stats, len(rollout["sequences"]))
 
     # ----- resume ------------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -21,12 +23,17 @@ from lightning_align.scoring.model import unwrapped
 
 
 def next_tokens(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    share: ProcessShare | None = None,
 ) -> torch.Tensor:
     """One token per row [batch] from next-token logits [batch, vocab]: the most likely with `greedy`, else a draw
     from softmax(logits / temperature) restricted to the `top_k` most likely tokens (0: all) and to the smallest
     set of most likely tokens whose probability reaches `top_p` (the nucleus), by inverting the cumulative
-    distribution at one uniform draw per row."""
+    distribution at one uniform draw per row (this process's rows' draws from `share`, when given)."""
     if greedy:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -40,9 +47,34 @@ def next_tokens(
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     cumulative = probs.cumsum(-1)
-    draw = torch.rand(len(probs), 1, device=probs.device, dtype=cumulative.dtype) * cumulative[:, -1:]
+    if share is None:
+        draw = torch.rand(len(probs), 1, device=probs.device, dtype=cumulative.dtype)
+    else:
+        draw = share.uniform(len(probs), probs.device, cumulative.dtype)
+    draw = draw * cumulative[:, -1:]
     chosen = torch.searchsorted(cumulative, draw, right=True).squeeze(-1)
     return chosen.clamp(max=probs.shape[-1] - 1)
+
+
+@dataclass
+class ProcessShare:
+    """This process's part of a rollout batch split over `world` processes: the data's prompts are dealt as
+    `EpochPermutation` deals them (this process's prompt i is the global batch's prompt i * world + rank), each
+    followed by its `group` samples. The decode loop draws one uniform number for every row of the global batch
+    at each step, the same on every process, and keeps its own rows': N processes then sample the tokens one
+    process with the whole batch samples (with one process the draws are the plain loop's). `any_running` tells
+    whether a row is still being sampled on any process, so every process runs the same steps and draws."""
+
+    rank: int
+    world: int
+    group: int
+    any_running: Callable[[bool], bool]
+
+    def uniform(self, rows: int, device, dtype) -> torch.Tensor:
+        if self.world == 1:
+            return torch.rand(rows, 1, device=device, dtype=dtype)
+        draws = torch.rand(rows // self.group * self.world, self.group, device=device, dtype=dtype)
+        return draws[self.rank :: self.world].reshape(-1, 1)
 
 
 # Families that decode with a growing cache: their attention reads a mask as long as the keys cached so far.
@@ -84,9 +116,11 @@ def decode(
     greedy: bool = False,
     min_new_tokens: int = 0,
     return_logprobs: bool = False,
+    share: ProcessShare | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts followed by their sampled responses [batch, prompt + response]: after a row's EOS its
-    tokens are `pad_token_id`, and the loop stops when every row has ended or at `max_new_tokens`.
+    tokens are `pad_token_id`, and the loop stops when every row has ended (on every process of `share`) or at
+    `max_new_tokens`.
 
     With `return_logprobs`, also log softmax(logits / temperature) of each chosen token [batch, response] (the
     whole distribution, before top-k / top-p filtering, as a learning pass scores it): the rollout's log-probs
@@ -115,12 +149,15 @@ def decode(
         if step < min_new_tokens:
             logits = logits.clone()
             logits[:, eos_token_id] = float("-inf")
-        token = next_tokens(logits, temperature, top_k, top_p, greedy).masked_fill(ended, pad_token_id)
+        token = next_tokens(logits, temperature, top_k, top_p, greedy, share).masked_fill(ended, pad_token_id)
         chosen.append(token)
         if return_logprobs:
             logprobs.append(scaled.gather(-1, token[:, None]).squeeze(-1) - scaled.logsumexp(-1))
         ended |= token == eos_token_id
-        if ended.all() or step == max_new_tokens - 1:
+        running = not bool(ended.all())
+        if share is not None:
+            running = share.any_running(running)
+        if not running or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
         if positions:
@@ -139,10 +176,19 @@ class Sampler:
         self.use_loop: bool | None = None
 
     def __call__(
-        self, model, input_ids, attention_mask, eos_token_id, pad_token_id, greedy=False, logprobs=False, **sampling
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        eos_token_id,
+        pad_token_id,
+        greedy=False,
+        logprobs=False,
+        share: ProcessShare | None = None,
+        **sampling,
     ):
         """(sequences, their responses' log-probs from the decode loop when `logprobs` is asked for and the loop
-        sampled, else None)."""
+        sampled, else None). With several processes, `share` keeps them in step (see `ProcessShare`)."""
         if self.use_loop is None:
             self.use_loop = decode_loop_proven(model)
             base = unwrapped(model)
@@ -164,6 +210,7 @@ class Sampler:
                 pad_token_id=pad_token_id,
                 greedy=greedy,
                 return_logprobs=logprobs,
+                share=share,
                 **sampling,
             )
             return out if logprobs else (out, None)
@@ -176,6 +223,8 @@ class Sampler:
             attention_mask=attention_mask,
             pad_token_id=pad_token_id,
             eos_token_id=eos_token_id,
+            # every process runs the same steps (sharded weights are gathered by each forward on all of them)
+            synced_gpus=share is not None and share.world > 1,
             **options,
         )
         return sequences, None

@@ -5,6 +5,9 @@ and averages the gradients. A module not yet proven equal to one process under i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
 from lightning_align.scoring.model import unwrapped
@@ -40,8 +43,9 @@ def check_mesh(module_name: str, mesh, proven: bool, merging: list, precomputed:
     if not proven:
         raise ValueError(
             f"{module_name} is not yet proven under ModelParallelStrategy (FSDP2): its sharded run is not shown equal "
-            "to one process, so it is not run. Use strategy='ddp' (every process holds the whole model). Proven "
-            "sharded so far: SFTModule, RewardModule, DPOModule, ORPOModule and KTOModule"
+            "to one process, so it is not run. Use strategy='ddp' (every process holds the whole model), or set its "
+            "`shards_proven = True` once a test shows it (as tests/distributed/test_fsdp.py does for this library's "
+            "methods)"
         )
     if precomputed:
         raise ValueError(
@@ -57,11 +61,12 @@ def check_mesh(module_name: str, mesh, proven: bool, merging: list, precomputed:
 
 def shard(model: nn.Module, mesh) -> None:
     """FSDP2 over `mesh` (the data-parallel axis): each decoder layer its own unit (gathered for its forward and
-    backward only), then the root (embeddings, final norm, output layer, score head, adapters outside layers)."""
+    backward only), then the root (embeddings, final norm, output layer, score head, adapters outside layers). A
+    plain module (a value head) is one unit."""
     from torch.distributed.fsdp import fully_shard
 
     layers = decoder_layers(model)
-    if not layers:
+    if not layers and hasattr(unwrapped(model), "config"):
         raise ValueError(
             f"{type(unwrapped(model)).__name__} names no decoder layer class (`_no_split_modules`), so it cannot be "
             "sharded per layer; use strategy='ddp'"
@@ -69,6 +74,25 @@ def shard(model: nn.Module, mesh) -> None:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+@contextmanager
+def gathered_while_decoding(model: nn.Module) -> Iterator[None]:
+    """Sharded weights gathered by the first forward of a decode and kept for its later tokens (FSDP2 would gather
+    and free every layer at every token), freed at its end. Nothing to do for unsharded weights."""
+    from torch.distributed.fsdp import FSDPModule
+
+    # The root keeps its weights after forward already (FSDP2's default); the layers would free theirs.
+    layers = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in [*layers, model] if layers else []:
+            unit.reshard()
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_align import (
     DPOModule,
     ExportPretrained,
+    GRPOModule,
     KTOModule,
+    LastCheckpoint,
     LoRA,
     ORPOModule,
     PPOModule,
@@ -33,7 +36,8 @@ from lightning_align import (
 from lightning_align.demos.assets import DEMO_MODEL
 from lightning_align.modules.sharding import full_state_dict, is_sharded
 
-CASES = ["sft", "sft-lora", "reward", "dpo", "dpo-ipo-lora", "orpo", "kto"]
+RESUMED = ["dpo", "grpo"]  # a frozen reference copy and AdamW states; sampling that must continue where it was
+CASES = ["sft", "sft-lora", "reward", "dpo", "dpo-ipo-lora", "orpo", "kto", "ppo", "ppo-lora", "grpo", "grpo-lora"]
 
 
 class LoggedLosses(L.Callback):
@@ -48,24 +52,31 @@ class LoggedLosses(L.Callback):
             self.initial = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.values.append(trainer.callback_metrics["train/loss"].item())
+        online = getattr(pl_module, "logged_rollout", None)  # PPO and GRPO: the rollout batch's statistics
+        self.values.append(dict(online) if online else trainer.callback_metrics["train/loss"].item())
 
 
-def trainer(devices: int, run: Path, callbacks=(), **parallel) -> L.Trainer:
+class Unproven(SFTModule):
+    """A user's own method, not shown equal to one process when sharded."""
+
+    shards_proven = False
+
+
+def trainer(devices: int, run: Path, callbacks=(), max_steps: int = 3, **parallel) -> L.Trainer:
     parallel = parallel or {"data_parallel_size": devices, "tensor_parallel_size": 1}
     strategy = ModelParallelStrategy(**parallel) if devices > 1 else "auto"
     return L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
-        max_steps=3,
+        max_steps=max_steps,
         limit_val_batches=2,
         val_check_interval=3,
         num_sanity_val_steps=0,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         callbacks=list(callbacks),
         default_root_dir=str(run),
     )
@@ -84,6 +95,8 @@ def case(name: str, devices: int):
             DEMO_MODEL, "demo:preference_train", "demo:preference_val", batch_size=8 // devices, max_length=64
         )
         return KTOModule(DEMO_MODEL, learning_rate=1e-3), data, "val/loss"
+    if name.startswith(("ppo", "grpo")):
+        return online_case(name, devices)
     data = preference_data(devices)
     if name == "reward":
         return RewardModule(DEMO_MODEL, learning_rate=1e-3), data, "val/accuracy"
@@ -93,10 +106,60 @@ def case(name: str, devices: int):
     return DPOModule(DEMO_MODEL, loss_type=loss_type, learning_rate=1e-3), data, "val/rewards/margins"
 
 
+def digit_share(prompts: list[str], completions: list[str]) -> list[float]:
+    """A reward that differs between the untrained model's samples (the task's own is 0 for nearly all of them)."""
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
+def online_case(name: str, devices: int):
+    """PPO with its value head on the policy (a global rollout batch of 8) and GRPO with a sharded reference copy
+    (beta > 0), the batch's reward std and DAPO's token mean (4 prompts x 4 samples): statistics of the whole
+    batch, which each process must compute over every process's rows."""
+    reward = "tests.distributed.fsdp_run:digit_share"  # a path, not the function: checkpoints load it safely
+    if name.startswith("ppo"):
+        prompts = 8 // devices
+        module = PPOModule(
+            DEMO_MODEL, reward=reward, max_new_tokens=6, minibatch_size=prompts, ppo_epochs=1, learning_rate=1e-3
+        )
+    else:
+        prompts = 4 // devices
+        module = GRPOModule(
+            DEMO_MODEL,
+            rewards=reward,
+            num_generations=4,
+            beta=0.04,
+            scale_rewards="batch",
+            loss_aggregation="dapo",
+            max_new_tokens=6,
+            learning_rate=1e-3,
+        )
+    return (
+        module,
+        PromptDataModule(DEMO_MODEL, "demo:prompts_train", "demo:prompts_val", batch_size=prompts),
+        "val/reward",
+    )
+
+
 def preference_data(devices: int) -> PreferenceDataModule:
     return PreferenceDataModule(
         DEMO_MODEL, "demo:preference_train", "demo:preference_val", batch_size=8 // devices, max_length=64
     )
+
+
+def weight_gathers_per_rollout(module, data) -> tuple[int, int, int]:
+    """(FSDP2 weight gathers during one rollout batch's sampling, tokens sampled per row, sharded units)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    batch = next(iter(data.train_dataloader()))
+    gather, calls = dist.all_gather_single, []
+    dist.all_gather_single = lambda *args, **kwargs: calls.append(1) or gather(*args, **kwargs)
+    try:
+        sequences = module.generate(batch)
+    finally:
+        dist.all_gather_single = gather
+    units = sum(isinstance(m, FSDPModule) for m in module.model.modules())
+    return len(calls), sequences.shape[1] - batch["input_ids"].shape[1], units
 
 
 def main(out: Path, devices: int) -> None:
@@ -113,6 +176,7 @@ def main(out: Path, devices: int) -> None:
         fit.fit(module, datamodule=data)
         sharded = is_sharded(module.model)
         weights = full_state_dict(module.model) if sharded else module.model.state_dict()
+        gathers = weight_gathers_per_rollout(module, data) if sharded and name == "ppo" else None
         if fit.is_global_zero:
             trainable = {n.replace("_fsdp_wrapped_module.", "") for n, p in module.model.named_parameters()}
             torch.save(
@@ -124,6 +188,7 @@ def main(out: Path, devices: int) -> None:
                     "initial": losses.initial,
                     "sharded": sharded,
                     "world_size": fit.world_size,
+                    "gathers": gathers,
                 },
                 out / f"{name}-{devices}.pt",
             )
@@ -131,11 +196,7 @@ def main(out: Path, devices: int) -> None:
         return
     refused = {}
     attempts = {
-        "ppo": lambda: (
-            PPOModule(DEMO_MODEL, reward="lightning_align.demos:task_reward", max_new_tokens=4),
-            PromptDataModule(DEMO_MODEL, "demo:prompts_train", batch_size=4),
-            {},
-        ),
+        "unproven": lambda: (Unproven(DEMO_MODEL), sft_data(devices), {}),
         "dpo_precomputed": lambda: (DPOModule(DEMO_MODEL, precompute_ref_logps=True), preference_data(devices), {}),
         # Lightning's defaults: every process on the tensor-parallel axis
         "tensor_parallel": lambda: (
@@ -153,6 +214,29 @@ def main(out: Path, devices: int) -> None:
             refused[what] = str(err)
     if L.fabric.utilities.rank_zero_only.rank == 0:
         torch.save(refused, out / "refused.pt")
+    for name in RESUMED:
+        resume(out / "resume" / name, name)
+
+
+def resume(run: Path, name: str) -> None:
+    """4 sharded steps straight, leaving Lightning's distributed checkpoint of step 2, then a run resumed from it:
+    rank 0 saves both runs' logged losses and final weights to <run>.pt. Both keep `last.ckpt` and the export in
+    the same folders, as a resumed run does (refused before the first step unless it is known to resume)."""
+    results = {}
+    for part, ckpt in [("straight", None), ("resumed", run / "steps" / "epoch=0-step=2.ckpt")]:
+        L.seed_everything(0)
+        losses = LoggedLosses()
+        callbacks = [losses, LastCheckpoint(str(run / "last")), ExportPretrained(str(run / "export"))]
+        if ckpt is None:
+            callbacks.append(ModelCheckpoint(run / "steps", every_n_train_steps=2, save_top_k=-1))
+        fit = trainer(2, run / part, callbacks, max_steps=4)
+        module, data, _ = case(name, 2)
+        fit.fit(module, datamodule=data, ckpt_path=ckpt)
+        weights = full_state_dict(module.model)
+        results[part] = {"losses": losses.values, "weights": {k: v.clone() for k, v in weights.items()}}
+    if L.fabric.utilities.rank_zero_only.rank == 0:
+        results["checkpoint_is_sharded"] = (run / "steps" / "epoch=0-step=2.ckpt").is_dir()  # distributed format
+        torch.save(results, run.with_suffix(".pt"))
 
 
 if __name__ == "__main__":

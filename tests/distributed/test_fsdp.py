@@ -1,7 +1,7 @@
 """Sharded training through Lightning's ModelParallelStrategy (FSDP2 over a data-parallel mesh) with 2 CPU processes
-(gloo): SFT, the reward model, DPO (sigmoid full, IPO with LoRA), ORPO and KTO train as one process does with the same
-global batch, export one consolidated Hugging Face folder, and what is not proven sharded (other methods, tensor
-parallelism, precomputed reference log-probs) is refused at start."""
+(gloo): SFT, the reward model, DPO (sigmoid full, IPO with LoRA), ORPO, KTO, PPO and GRPO (full and LoRA) train as one
+process does with the same global batch, export one consolidated Hugging Face folder, and what is not proven sharded
+(a method not shown equal, tensor parallelism, precomputed reference log-probs) is refused at start."""
 
 from pathlib import Path
 
@@ -18,7 +18,20 @@ def runs(tiny_model, tmp_path_factory):
     return run_on_two_and_one(SCRIPT, tmp_path_factory.mktemp("fsdp"))
 
 
-@pytest.mark.parametrize("case", ["sft", "sft-lora", "reward", "dpo", "dpo-ipo-lora", "orpo", "kto"])
+CASES = ["sft", "sft-lora", "reward", "dpo", "dpo-ipo-lora", "orpo", "kto", "ppo", "ppo-lora", "grpo", "grpo-lora"]
+# What each step of the online methods logs, over the global batch (one process's whole batch): the losses, and the
+# rollout's statistics, which differ unless both runs sample the same tokens.
+ONLINE = ["loss", "loss/policy", "loss/value", "reward/mean", "response_length", "kl", "entropy", "policy/clipfrac"]
+
+
+def logged(run: dict) -> list:
+    steps = run["losses"]
+    if steps and isinstance(steps[0], dict):
+        return [[step[name] for name in ONLINE if name in step] for step in steps]
+    return [[loss] for loss in steps]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_two_sharded_processes_train_like_one_with_the_same_global_batch(runs, case):
     one, two = torch.load(runs / f"{case}-1.pt"), torch.load(runs / f"{case}-2.pt")
     assert two["sharded"] and not one["sharded"] and two["world_size"] == 2
@@ -35,7 +48,9 @@ def test_two_sharded_processes_train_like_one_with_the_same_global_batch(runs, c
         assert (two["weights"][name] - weight).abs().max() <= 0.25 * (weight - start[name]).abs().max() + 1e-7, name
     assert two["val"] == pytest.approx(one["val"], rel=1e-5)  # reduced over both processes' halves
     # Every step logs the global batch's loss, as one process with the whole batch does.
-    assert len(two["losses"]) == 3 and two["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-6)
+    assert len(two["losses"]) == 3
+    for step_two, step_one in zip(logged(two), logged(one), strict=True):
+        assert step_two == pytest.approx(step_one, rel=1e-4, abs=1e-6)
 
 
 def test_the_sharded_export_is_one_hugging_face_folder_with_the_whole_weights(runs):
@@ -53,10 +68,26 @@ def test_the_sharded_export_is_one_hugging_face_folder_with_the_whole_weights(ru
         torch.testing.assert_close(adapter[name.replace(".default", "")], weight, rtol=0, atol=0, msg=name)
 
 
+def test_sampling_with_sharded_weights_gathers_them_once_per_rollout_batch_not_per_token(runs):
+    gathers, tokens, units = torch.load(runs / "ppo-2.pt")["gathers"]
+    assert tokens > 1 and units >= 3  # the root and a unit per decoder layer
+    assert gathers == units  # each unit gathered once for the whole decode (per token it would be tokens x units)
+
+
 def test_what_is_not_proven_sharded_is_refused_at_start(runs):
     refused = torch.load(runs / "refused.pt")
-    assert "PPOModule is not yet proven under ModelParallelStrategy" in refused["ppo"]
-    assert "strategy='ddp'" in refused["ppo"]
+    assert "Unproven is not yet proven under ModelParallelStrategy" in refused["unproven"]
+    assert "strategy='ddp'" in refused["unproven"]
     assert "precompute_ref_logps under ModelParallelStrategy is not supported" in refused["dpo_precomputed"]
     assert "tensor parallelism is not supported" in refused["tensor_parallel"]
     assert "tensor_parallel_size 1" in refused["tensor_parallel"]
+
+
+@pytest.mark.parametrize("case", ["dpo", "grpo"])
+def test_a_run_resumed_from_the_distributed_checkpoint_continues_exactly(runs, case):
+    saved = torch.load(runs / "resume" / f"{case}.pt")
+    assert saved["checkpoint_is_sharded"]  # Lightning's distributed checkpoint: a folder of shards
+    straight, resumed = logged(saved["straight"]), logged(saved["resumed"])
+    assert len(straight) == 4 and resumed == straight[2:]  # the same losses (and GRPO: the same samples)
+    for name, weight in saved["straight"]["weights"].items():
+        torch.testing.assert_close(saved["resumed"]["weights"][name], weight, rtol=0, atol=0, msg=name)
