@@ -159,7 +159,8 @@ class AlignModule(L.LightningModule):
         """FSDP2 over the strategy's data-parallel mesh: the policy, and a frozen reference copy alike."""
         merging = [cb for cb in self.trainer.callbacks if self.adapter is not None and merges_adapter(cb)]
         precomputed = getattr(self, "precompute_ref_logps", False)
-        check_mesh(type(self).__name__, self.device_mesh, self.shards_proven, merging, precomputed)
+        quantized = getattr(getattr(unwrapped(self.model), "config", None), "quantization_config", None) is not None
+        check_mesh(type(self).__name__, self.device_mesh, self.shards_proven, merging, precomputed, quantized)
         for network in self.networks_to_shard():
             shard(network, self.device_mesh["data_parallel"])
 

@@ -29,10 +29,14 @@ def merges_adapter(callback) -> bool:
     return bool(getattr(callback, "merge_adapter", False) or getattr(callback, "merge_on_save", False))
 
 
-def check_mesh(module_name: str, mesh, proven: bool, merging: list, precomputed: bool = False) -> None:
+def check_mesh(
+    module_name: str, mesh, proven: bool, merging: list, precomputed: bool = False, quantized: bool = False
+) -> None:
     """Refuse what would run unsynchronised or unproven: tensor parallelism, a method not yet proven equal to one
-    process when sharded, callbacks that would merge an adapter into sharded weights, or precomputed reference
-    log-probs (each process would score a different number of batches through the sharded reference)."""
+    process when sharded, callbacks that would merge an adapter into sharded weights, precomputed reference
+    log-probs (each process would score a different number of batches through the sharded reference), or
+    quantised weights (QLoRA: FSDP2 shards bitsandbytes' packed 4-bit weights as plain tensors, and a 2-process
+    run's first loss already differs from one process's)."""
     tensor_parallel = mesh["tensor_parallel"].size() if "tensor_parallel" in (mesh.mesh_dim_names or ()) else 1
     if tensor_parallel > 1:
         raise ValueError(
@@ -51,6 +55,12 @@ def check_mesh(module_name: str, mesh, proven: bool, merging: list, precomputed:
         raise ValueError(
             "precompute_ref_logps under ModelParallelStrategy is not supported yet (each process would score a "
             "different number of batches through the sharded reference); use strategy='ddp' or a live reference"
+        )
+    if quantized:
+        raise ValueError(
+            "quantised weights (QLoRA, bitsandbytes) under ModelParallelStrategy are not supported: sharding them is "
+            "not equal to one process. Shard LoRA on bf16 weights instead (LoRA with precision='bf16-true' or "
+            "torch_dtype='bfloat16'), or run QLoRA with strategy='ddp'"
         )
     for callback in merging:
         raise ValueError(

@@ -1,6 +1,7 @@
 """Run by the FSDP2 tests as a script (Lightning relaunches it once per extra process):
 
     python fsdp_run.py OUT_DIR DEVICES
+    torchrun --nnodes 2 --nproc-per-node 1 --node-rank R ... fsdp_run.py OUT_DIR nodes
 
 On 2 devices each case (SFT, reward model, DPO, ORPO, KTO) trains sharded (Lightning's ModelParallelStrategy: FSDP2
 over a data-parallel mesh of 2), on 1 device unsharded, 3 steps with a global batch of 8 (4 per process on 2),
@@ -28,6 +29,7 @@ from lightning_align import (
     PPOModule,
     PreferenceDataModule,
     PromptDataModule,
+    QLoRA,
     RewardModule,
     SFTDataModule,
     SFTModule,
@@ -62,12 +64,13 @@ class Unproven(SFTModule):
     shards_proven = False
 
 
-def trainer(devices: int, run: Path, callbacks=(), max_steps: int = 3, **parallel) -> L.Trainer:
-    parallel = parallel or {"data_parallel_size": devices, "tensor_parallel_size": 1}
-    strategy = ModelParallelStrategy(**parallel) if devices > 1 else "auto"
+def trainer(devices: int, run: Path, callbacks=(), max_steps: int = 3, num_nodes: int = 1, **parallel) -> L.Trainer:
+    parallel = parallel or {"data_parallel_size": devices * num_nodes, "tensor_parallel_size": 1}
+    strategy = ModelParallelStrategy(**parallel) if devices * num_nodes > 1 else "auto"
     return L.Trainer(
         accelerator="cpu",
         devices=devices,
+        num_nodes=num_nodes,
         strategy=strategy,
         max_steps=max_steps,
         limit_val_batches=2,
@@ -197,6 +200,7 @@ def main(out: Path, devices: int) -> None:
     refused = {}
     attempts = {
         "unproven": lambda: (Unproven(DEMO_MODEL), sft_data(devices), {}),
+        "qlora": lambda: (SFTModule(DEMO_MODEL), sft_data(devices), {"callbacks": [QLoRA(r=4)]}),
         "dpo_precomputed": lambda: (DPOModule(DEMO_MODEL, precompute_ref_logps=True), preference_data(devices), {}),
         # Lightning's defaults: every process on the tensor-parallel axis
         "tensor_parallel": lambda: (
@@ -239,5 +243,22 @@ def resume(run: Path, name: str) -> None:
         torch.save(results, run.with_suffix(".pt"))
 
 
+def two_nodes(out: Path) -> None:
+    """The SFT case as 2 nodes x 1 process, each node started by its own `torchrun --nnodes 2` (Lightning's
+    multi-node path): rank 0 saves the logged losses and the weights to OUT_DIR/sft-nodes.pt."""
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    losses = LoggedLosses()
+    fit = trainer(1, out / "nodes", [losses], num_nodes=2)
+    module, data, _ = case("sft", 2)  # a global batch of 8: 4 per process
+    fit.fit(module, datamodule=data)
+    weights = full_state_dict(module.model)
+    if fit.is_global_zero:
+        torch.save({"losses": losses.values, "weights": weights, "world_size": fit.world_size}, out / "sft-nodes.pt")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    if sys.argv[2] == "nodes":
+        two_nodes(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]), int(sys.argv[2]))

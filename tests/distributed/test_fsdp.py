@@ -3,6 +3,10 @@
 process does with the same global batch, export one consolidated Hugging Face folder, and what is not proven sharded
 (a method not shown equal, tensor parallelism, precomputed reference log-probs) is refused at start."""
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,6 +83,8 @@ def test_what_is_not_proven_sharded_is_refused_at_start(runs):
     assert "Unproven is not yet proven under ModelParallelStrategy" in refused["unproven"]
     assert "strategy='ddp'" in refused["unproven"]
     assert "precompute_ref_logps under ModelParallelStrategy is not supported" in refused["dpo_precomputed"]
+    assert "quantised weights (QLoRA, bitsandbytes) under ModelParallelStrategy" in refused["qlora"]
+    assert "strategy='ddp'" in refused["qlora"]
     assert "tensor parallelism is not supported" in refused["tensor_parallel"]
     assert "tensor_parallel_size 1" in refused["tensor_parallel"]
 
@@ -91,3 +97,32 @@ def test_a_run_resumed_from_the_distributed_checkpoint_continues_exactly(runs, c
     assert len(straight) == 4 and resumed == straight[2:]  # the same losses (and GRPO: the same samples)
     for name, weight in saved["straight"]["weights"].items():
         torch.testing.assert_close(saved["resumed"]["weights"][name], weight, rtol=0, atol=0, msg=name)
+
+
+def test_two_nodes_started_by_torchrun_train_like_one_process(runs):
+    """`torchrun --nnodes 2` on localhost, one process per node: Lightning's multi-node path, sharded over both."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SCRIPT.parents[2])}
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+            + ["--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+            + [str(SCRIPT), str(runs), "nodes"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    one, nodes = torch.load(runs / "sft-1.pt"), torch.load(runs / "sft-nodes.pt")
+    assert nodes["world_size"] == 2
+    assert nodes["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-6)
+    moved = sum((w - one["initial"][n]).abs().sum() for n, w in one["weights"].items())
+    apart = sum((nodes["weights"][n] - w).abs().sum() for n, w in one["weights"].items())
+    assert apart <= 1e-3 * moved
