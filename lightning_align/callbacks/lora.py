@@ -205,6 +205,17 @@ class LoRA(L.Callback, ModelAdapter):
         """A plain model with the adapter merged into a copy of the base weights."""
         return copy.deepcopy(model).merge_and_unload(adapter_names=["default"])
 
+    def merged_from_state(self, model: nn.Module, module: AlignModule, state: dict) -> nn.Module:
+        """A plain, unsharded model with the adapter merged, from `state`: the whole state dict gathered from a
+        sharded adapted model (base, adapter and trained heads alike, as training left them)."""
+        from peft import get_peft_model
+
+        full = get_peft_model(module.load_model(), copy.deepcopy(model.peft_config["default"]))
+        missing = full.load_state_dict(state, strict=False).missing_keys  # a start adapter's keys are left aside
+        if missing:
+            raise ValueError(f"the gathered weights lack {len(missing)} of the model's, e.g. {missing[:3]}")
+        return full.merge_and_unload(adapter_names=["default"])
+
     def adapter_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.save_dir) if self.save_dir else run_output_dir(trainer, "adapter")
 

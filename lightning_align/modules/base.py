@@ -22,7 +22,7 @@ from lightning_align.modules.pretrained import (
     export_model,
     load_pretrained,
 )
-from lightning_align.modules.sharding import check_mesh, merges_adapter, shard
+from lightning_align.modules.sharding import check_mesh, shard
 from lightning_align.outputs import report_output_places
 from lightning_align.scoring.model import unwrapped
 
@@ -41,6 +41,9 @@ class ModelAdapter:
         return model
 
     def merged_copy(self, model: nn.Module, module: AlignModule) -> nn.Module:
+        return model
+
+    def merged_from_state(self, model: nn.Module, module: AlignModule, state: dict) -> nn.Module:
         return model
 
 
@@ -157,10 +160,9 @@ class AlignModule(L.LightningModule):
 
     def shard_model(self) -> None:
         """FSDP2 over the strategy's data-parallel mesh: the policy, and a frozen reference copy alike."""
-        merging = [cb for cb in self.trainer.callbacks if self.adapter is not None and merges_adapter(cb)]
         precomputed = getattr(self, "precompute_ref_logps", False)
         quantized = getattr(getattr(unwrapped(self.model), "config", None), "quantization_config", None) is not None
-        check_mesh(type(self).__name__, self.device_mesh, self.shards_proven, merging, precomputed, quantized)
+        check_mesh(type(self).__name__, self.device_mesh, self.shards_proven, precomputed, quantized)
         for network in self.networks_to_shard():
             shard(network, self.device_mesh["data_parallel"])
 

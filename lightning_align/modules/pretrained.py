@@ -64,12 +64,13 @@ def export_model(module, path: Path, merge_adapter: bool, overwrite: bool) -> Pa
     model = module.model
     adapter = module.adapter
     sharded = is_sharded(model)
-    if merge_adapter and adapter is not None:
-        if sharded:
-            raise ValueError("merging the adapter into sharded weights is not supported yet; export the adapter")
+    merging = merge_adapter and adapter is not None
+    if merging and not sharded:
         model = adapter.merged_copy(model, module)
     state = full_state_dict(model) if sharded else None  # every process takes part in the gather
     if module._trainer is None or module.trainer.is_global_zero:  # one writer under several processes
+        if merging and sharded:  # merged into a whole copy built on this process alone
+            model, state = adapter.merged_from_state(model, module, state), None
         with export_folder(path, overwrite) as staging:
             if hasattr(model, "peft_config"):  # the trained adapter only, not a frozen start copy beside it
                 model.save_pretrained(staging, selected_adapters=["default"], state_dict=state)

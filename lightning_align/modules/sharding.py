@@ -25,15 +25,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def merges_adapter(callback) -> bool:
-    return bool(getattr(callback, "merge_adapter", False) or getattr(callback, "merge_on_save", False))
-
-
-def check_mesh(
-    module_name: str, mesh, proven: bool, merging: list, precomputed: bool = False, quantized: bool = False
-) -> None:
+def check_mesh(module_name: str, mesh, proven: bool, precomputed: bool = False, quantized: bool = False) -> None:
     """Refuse what would run unsynchronised or unproven: tensor parallelism, a method not yet proven equal to one
-    process when sharded, callbacks that would merge an adapter into sharded weights, precomputed reference
+    process when sharded, precomputed reference
     log-probs (each process would score a different number of batches through the sharded reference), or
     quantised weights (QLoRA: FSDP2 shards bitsandbytes' packed 4-bit weights as plain tensors, and a 2-process
     run's first loss already differs from one process's)."""
@@ -61,11 +55,6 @@ def check_mesh(
             "quantised weights (QLoRA, bitsandbytes) under ModelParallelStrategy are not supported: sharding them is "
             "not equal to one process. Shard LoRA on bf16 weights instead (LoRA with precision='bf16-true' or "
             "torch_dtype='bfloat16'), or run QLoRA with strategy='ddp'"
-        )
-    for callback in merging:
-        raise ValueError(
-            f"{type(callback).__name__}: merging the adapter into sharded weights is not supported yet; export the "
-            "adapter (merge_adapter=False) and merge it in one process"
         )
 
 

@@ -172,6 +172,8 @@ def main(out: Path, devices: int) -> None:
         run = out / name / str(devices)
         callbacks = [LoRA(r=4, save_dir=str(run / "adapter"))] if name.endswith("lora") else []
         callbacks.append(ExportPretrained(str(run / "export"), merge_adapter=False))
+        if name == "sft-lora":  # the adapter merged into a whole copy of the gathered weights, too
+            callbacks.append(ExportPretrained(str(run / "merged"), merge_adapter=True))
         losses = LoggedLosses()
         callbacks.append(losses)
         fit = trainer(devices, run, callbacks)

@@ -72,6 +72,25 @@ def test_the_sharded_export_is_one_hugging_face_folder_with_the_whole_weights(ru
         torch.testing.assert_close(adapter[name.replace(".default", "")], weight, rtol=0, atol=0, msg=name)
 
 
+def test_a_sharded_lora_run_exports_the_adapter_merged_into_the_whole_weights(runs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lightning_align.assets import resolve_model
+    from lightning_align.demos.assets import DEMO_MODEL
+
+    merged = AutoModelForCausalLM.from_pretrained(runs / "sft-lora" / "2" / "merged").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(DEMO_MODEL)).state_dict()
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(resolve_model(DEMO_MODEL)), runs / "sft-lora" / "2" / "export"
+    )
+    expected = adapted.merge_and_unload().state_dict()  # merged in one process from the adapter export
+    assert merged.keys() == expected.keys()
+    for name, weight in expected.items():
+        torch.testing.assert_close(merged[name], weight, rtol=0, atol=1e-6, msg=name)
+    assert any((merged[n] - w).abs().max() > 1e-4 for n, w in base.items())  # the adapter is in it
+
+
 def test_sampling_with_sharded_weights_gathers_them_once_per_rollout_batch_not_per_token(runs):
     gathers, tokens, units = torch.load(runs / "ppo-2.pt")["gathers"]
     assert tokens > 1 and units >= 3  # the root and a unit per decoder layer
