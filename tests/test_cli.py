@@ -199,7 +199,7 @@ def test_gpu_configs_parse_and_build_on_cpu(config, demo_home, monkeypatch):
     assert type(cli.model).__name__ in ("SFTModule", "DPOModule") and cli.datamodule.tokenizer is not None
     assert any(type(c).__name__ == "ExportPretrained" for c in built["callbacks"])
     strategy = built["strategy"]
-    expected = {"fsdp": "FSDPStrategy", "deepspeed": "deepspeed_stage", "cuda": "auto"}
+    expected = {"fsdp": "ModelParallelStrategy", "deepspeed": "deepspeed_stage", "cuda": "auto"}
     key = next(k for k in expected if k in config.stem)
     assert expected[key] in (strategy if isinstance(strategy, str) else type(strategy).__name__)
 

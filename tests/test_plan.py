@@ -116,6 +116,18 @@ def test_sharding_divides_what_each_strategy_shards(llama_config):
     assert ddp["weights"] == one["weights"] and ddp["DDP gradient buckets"] == one["gradients"]
 
 
+def test_fsdp_shards_the_reference_copy_and_holds_the_root_and_two_layers_whole(llama_config):
+    model = LlamaForCausalLM(LlamaConfig.from_pretrained(llama_config))  # small: counted for real
+    layer = 4 * sum(p.numel() for p in model.model.layers[0].parameters())  # float32 bytes
+    root = 4 * sum(p.numel() for p in model.parameters()) - len(model.model.layers) * layer
+    spec = RunSpec(llama_config, method="dpo", micro_batch=2, max_length=32, scoring_check="off")
+    one = plan_run(spec).parts
+    fsdp = plan_run(dataclasses.replace(spec, strategy="fsdp", devices=4)).parts
+    assert fsdp["reference model (frozen copy)"] == one["reference model (frozen copy)"] // 4
+    assert fsdp["gathered whole while computing"] == root + 2 * layer
+    assert "gathered whole while computing" not in one
+
+
 def test_the_depth_shortcut_equals_building_every_layer(llama_config, monkeypatch):
     for spec in [
         RunSpec(llama_config, method="sft", micro_batch=2, max_length=64),

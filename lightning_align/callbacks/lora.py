@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_align.modules.base import AlignModule, ModelAdapter
 from lightning_align.modules.reference import START_ADAPTER
+from lightning_align.modules.sharding import is_sharded
 from lightning_align.outputs import check_export_target, holds_only_an_export, may_replace, run_output_dir
 
 
@@ -236,17 +237,22 @@ class LoRA(L.Callback, ModelAdapter):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # Only what training changes: the adapter, trained heads, metric states; not the frozen (maybe 4-bit) base.
+        # Sharded, the base stays: a distributed checkpoint loads only into the whole set of names it was made from.
         frozen = {name for name, p in pl_module.named_parameters(remove_duplicate=False) if not p.requires_grad}
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k in frozen or k.rpartition(".weight.")[0] + ".weight" in frozen]:
-            del state[key]
+        if not is_sharded(pl_module.model):
+            for key in [k for k in state if k in frozen or k.rpartition(".weight.")[0] + ".weight" in frozen]:
+                del state[key]
         # The peft config lets a reader rebuild the model around the trained weights.
         checkpoint["adapter_config"] = plain_data(pl_module.model.peft_config["default"].to_dict())
-        if trainer.is_global_zero:  # an adapter folder beside the checkpoints, loadable without Lightning
-            folder = self.checkpoint_adapter_dir(trainer)
-            pl_module.save_pretrained(folder, overwrite=folder.is_dir() and holds_only_an_export(folder))
+        # An adapter folder beside the checkpoints, loadable without Lightning. Every process calls the export (it
+        # gathers sharded weights); the first one writes.
+        folder = self.checkpoint_adapter_dir(trainer)
+        pl_module.save_pretrained(folder, overwrite=folder.is_dir() and holds_only_an_export(folder))
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if "state_dict" not in checkpoint:  # a distributed checkpoint: the strategy loads every weight, strictly
+            return
         trained = [name for name, p in pl_module.named_parameters() if p.requires_grad]
         missing = [name for name in trained if name not in checkpoint["state_dict"]]
         if missing:  # loading is not strict (the base is left out), so check what must be there

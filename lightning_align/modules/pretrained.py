@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_align.assets import hub_problem, resolve_model, why_not_loaded
-from lightning_align.modules.sharding import full_state_dict, is_sharded
+from lightning_align.modules.sharding import full_state_dict, is_sharded, without_tied_copies
 from lightning_align.outputs import check_export_target, export_folder
 
 
@@ -71,6 +71,8 @@ def export_model(module, path: Path, merge_adapter: bool, overwrite: bool) -> Pa
     if module._trainer is None or module.trainer.is_global_zero:  # one writer under several processes
         if merging and sharded:  # merged into a whole copy built on this process alone
             model, state = adapter.merged_from_state(model, module, state), None
+        elif sharded:
+            state = without_tied_copies(model, state)
         with export_folder(path, overwrite) as staging:
             if hasattr(model, "peft_config"):  # the trained adapter only, not a frozen start copy beside it
                 model.save_pretrained(staging, selected_adapters=["default"], state_dict=state)

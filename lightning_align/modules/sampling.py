@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_align.modules.sharding import gathered_while_decoding
 from lightning_align.scoring.model import unwrapped
 
 
@@ -242,13 +243,14 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
         device = next(model.parameters()).device
         for start in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+            with gathered_while_decoding(model):  # every process generates the same prompts, so the same steps
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
             completions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side

@@ -85,6 +85,8 @@ def gathered_while_decoding(model: nn.Module) -> Iterator[None]:
     layers = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
     for layer in layers:
         layer.set_reshard_after_forward(False, recurse=False)
+    if layers and isinstance(model, FSDPModule):
+        model.unshard()  # peft's `generate` calls the base model's, not the root's forward that would gather
     try:
         yield
     finally:
@@ -105,3 +107,14 @@ def full_state_dict(model: nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def without_tied_copies(model: nn.Module, state: dict) -> dict:
+    """`state` without the names of weights tied to an earlier one (an output layer tied to the embeddings):
+    gathered from shards they are separate tensors, which `save_pretrained` would write twice."""
+    seen, tied = set(), set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            tied.add(name)
+        seen.add(id(parameter))
+    return {name: value for name, value in state.items() if name not in tied}

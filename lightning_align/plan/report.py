@@ -14,6 +14,7 @@ from lightning_align.plan.formulas import (
     SHARDED,
     gib,
     model_bytes,
+    sharding_unit_bytes,
     text_config,
 )
 from lightning_align.plan.spec import Plan, RunSpec, at_least, load_config, parse_bytes, spec_from_config
@@ -105,6 +106,17 @@ def plan_run(spec: RunSpec) -> Plan:
     if spec.method == "ppo" and spec.critic:
         critic = model_bytes(load_config(spec.critic), weight_dtype(dataclasses.replace(spec, adapter=None)), True)
         parts["critic (weights, gradients, AdamW)"] = 4 * critic  # weights + gradients + two AdamW moments
+    if "params" in divide:  # the frozen copy and the critic are sharded like the policy
+        for part in ("reference model (frozen copy)", "critic (weights, gradients, AdamW)"):
+            if part in parts:
+                parts[part] //= spec.devices
+    if spec.strategy == "fsdp" and spec.devices > 1:
+        root, layer = sharding_unit_bytes(config, weight_dtype(dataclasses.replace(spec, adapter=None)))
+        parts["gathered whole while computing"] = root + 2 * layer
+        notes.append(
+            f"fsdp: the root (embeddings, output layer: {gib(root)}) is whole from forward to backward, and two "
+            f"decoder layers ({gib(layer)} each: the one computing and the next, prefetched)"
+        )
     if spec.method in ("ppo", "grpo"):
         if spec.reward_model:
             parts["reward model"] = model_bytes(load_config(spec.reward_model), frozen_dtype, scorer=True)
@@ -145,7 +157,8 @@ def changes(spec: RunSpec) -> list[tuple[str, RunSpec]]:
                 dataclasses.replace(spec, micro_batch=half),
             )
         )
-    if spec.reference_forward and not spec.adapter and spec.method in ("dpo", "kto"):
+    # Precomputed reference log-probs are refused under sharding (see modules/sharding.check_mesh).
+    if spec.reference_forward and not spec.adapter and spec.method in ("dpo", "kto") and spec.strategy != "fsdp":
         out.append(("precompute_ref_logps=True (same result)", dataclasses.replace(spec, precompute_ref_logps=True)))
     if spec.adapter is None:
         out.append(("the LoRA callback (r=16)", dataclasses.replace(spec, adapter="lora", r=16)))

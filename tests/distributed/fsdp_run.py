@@ -38,7 +38,9 @@ from lightning_align import (
 from lightning_align.demos.assets import DEMO_MODEL
 from lightning_align.modules.sharding import full_state_dict, is_sharded
 
-RESUMED = ["dpo", "grpo"]  # a frozen reference copy and AdamW states; sampling that must continue where it was
+# A frozen reference copy and AdamW states; sampling that must continue where it was; a checkpoint without the
+# frozen base (LoRA's, which also writes the adapter beside it from every process's shards).
+RESUMED = ["dpo", "grpo", "sft-lora"]
 CASES = ["sft", "sft-lora", "reward", "dpo", "dpo-ipo-lora", "orpo", "kto", "ppo", "ppo-lora", "grpo", "grpo-lora"]
 
 
@@ -233,6 +235,7 @@ def resume(run: Path, name: str) -> None:
         L.seed_everything(0)
         losses = LoggedLosses()
         callbacks = [losses, LastCheckpoint(str(run / "last")), ExportPretrained(str(run / "export"))]
+        callbacks += [LoRA(r=4, save_dir=str(run / "adapter"))] if name.endswith("lora") else []
         if ckpt is None:
             callbacks.append(ModelCheckpoint(run / "steps", every_n_train_steps=2, save_top_k=-1))
         fit = trainer(2, run / part, callbacks, max_steps=4)

@@ -108,7 +108,7 @@ def test_what_is_not_proven_sharded_is_refused_at_start(runs):
     assert "tensor_parallel_size 1" in refused["tensor_parallel"]
 
 
-@pytest.mark.parametrize("case", ["dpo", "grpo"])
+@pytest.mark.parametrize("case", ["dpo", "grpo", "sft-lora"])
 def test_a_run_resumed_from_the_distributed_checkpoint_continues_exactly(runs, case):
     saved = torch.load(runs / "resume" / f"{case}.pt")
     assert saved["checkpoint_is_sharded"]  # Lightning's distributed checkpoint: a folder of shards
