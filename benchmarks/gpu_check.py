@@ -7,7 +7,8 @@ Without CUDA it says so and exits 0 (CI runs it on CPUs). On a GPU machine, put 
 virtual environment first (the Makefile pins the CPU build). Results: benchmarks/GPU-CHECK.md (commit it).
 Each row: the loss (online methods: the rollout's mean reward) of the first and last of STEPS steps, the measured peak
 (`torch.cuda.max_memory_allocated`) against `lightning_align.plan`, and tokens/s; with 2 or more devices, DDP,
-FSDP and DeepSpeed ZeRO-2 / ZeRO-3 runs of SFT and DPO whose first-step loss must equal the single-device one.
+FSDP2 (ModelParallelStrategy), FSDP and DeepSpeed ZeRO-2 / ZeRO-3 runs of SFT and DPO whose first-step loss must
+equal the single-device one.
 Budget: under 8 minutes on one modern GPU.
 """
 
@@ -26,7 +27,8 @@ ROOT = Path(__file__).parent
 METHODS = ["sft", "reward", "dpo", "kto", "orpo", "ppo", "grpo"]
 ADAPTERS = ["none", "lora", "qlora"]
 PRECISIONS = ["bf16-mixed", "bf16-true"]
-STRATEGIES = ["ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3"]
+# "fsdp2": Lightning's ModelParallelStrategy over a data-parallel mesh of all devices (the sharding the tests prove)
+STRATEGIES = ["ddp", "fsdp2", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3"]
 SIZE, STEPS, BATCH = os.environ.get("GPU_CHECK_SIZE", "100M"), 6, 4
 
 
@@ -69,6 +71,10 @@ def run(method: str, adapter: str, precision: str, strategy: str = "auto", devic
             elif "train/loss" in trainer.callback_metrics:
                 losses.append(float(trainer.callback_metrics["train/loss"]))
 
+    if strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     report = la.MemoryReport()
     trainer = L.Trainer(
         accelerator=os.environ.get("GPU_CHECK_ACCELERATOR", "gpu"),  # "cpu": a smoke test of this script

@@ -2,6 +2,7 @@
 
     python -m benchmarks.memory                 # every row, written to benchmarks/MEMORY.md
     python -m benchmarks.memory --sizes 20M     # the smallest size only (a quick check)
+    python -m benchmarks.memory --devices 2 --sizes 150M --adapters none lora   # sharded (FSDP2) rows
 
 Each row runs in a process of its own: a few training steps of the real module through `Trainer.fit`, with
 `MemoryReport` measuring. On a CPU the measure is the peak resident memory above the process's baseline (what it
@@ -11,6 +12,10 @@ freed blocks at once (`CHILD_ENV`); on a GPU
 `max_length` tokens long (prompts of PPO: `max_length`, answers `max_new_tokens`), as the plan assumes. QLoRA
 rows quantise a bfloat16 checkpoint (see `build_fixture`).
 Target: |measured / planned - 1| <= 10% on every row; the worst row is printed last.
+
+With `--devices N` every row trains sharded (Lightning's ModelParallelStrategy, FSDP2 over N processes, each
+with the same micro-batch) against `plan --strategy fsdp --devices N`; the measure is the largest of the
+processes' peaks, and the table becomes the "Sharded" section of MEMORY.md.
 """
 
 from __future__ import annotations
@@ -106,7 +111,7 @@ def constant_reward(prompts, completions):
     return [0.0 for _ in completions]
 
 
-def child(size: str, method: str, adapter: str) -> dict:
+def child(size: str, method: str, adapter: str, devices: int = 1) -> dict:
     """One row in this process: the same run on a tiny model first (so the libraries' code that training runs is
     paged in before the baseline: a library's pages are not the run's memory), then the row's run, a few steps
     with MemoryReport; its plan and measure."""
@@ -114,14 +119,15 @@ def child(size: str, method: str, adapter: str) -> dict:
 
     import torch
 
-    torch.set_num_threads(2)
-    fit(WARM_UP, method, adapter, steps=1)
+    torch.set_num_threads(2 // devices or 1)
+    fit(WARM_UP, method, adapter, 1, devices)
     gc.collect()
-    return fit(size, method, adapter, STEPS)
+    return fit(size, method, adapter, STEPS, devices)
 
 
-def fit(size: str, method: str, adapter: str, steps: int) -> dict:
+def fit(size: str, method: str, adapter: str, steps: int, devices: int = 1) -> dict:
     import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
     import lightning_align as la
 
@@ -145,9 +151,11 @@ def fit(size: str, method: str, adapter: str, steps: int) -> dict:
         )
     data.setup("fit")  # tokenised before the baseline
     report = la.MemoryReport()
+    sharded = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if devices > 1 else "auto"
     trainer = L.Trainer(
         accelerator="auto",
-        devices=1,
+        devices=devices,
+        strategy=sharded,
         max_steps=steps,
         logger=False,
         enable_progress_bar=False,
@@ -173,12 +181,14 @@ def fit(size: str, method: str, adapter: str, steps: int) -> dict:
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def run_child(size: str, method: str, adapter: str) -> dict:
-    command = [sys.executable, "-m", "benchmarks.memory", "--child", size, method, adapter]
+def run_child(size: str, method: str, adapter: str, devices: int = 1) -> dict:
+    command = [sys.executable, "-m", "benchmarks.memory", "--child", size, method, adapter, str(devices)]
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ | CHILD_ENV)
     if done.returncode != 0:
         raise RuntimeError(f"{size} {method} {adapter} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # Each process prints its own result (Lightning starts the others with the same command): the largest peak.
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return max(results, key=lambda result: result["measured"])
 
 
 def main() -> None:
@@ -188,16 +198,18 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--adapters", nargs="+", choices=ADAPTERS, default=ADAPTERS)
     parser.add_argument("--out", help="the table's file (default benchmarks/MEMORY.md, or MEMORY-GPU.md on a GPU)")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--devices", type=int, default=1, help="processes to shard each row over (FSDP2)")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child)))
+        size, method, adapter, devices = args.child
+        print(json.dumps(child(size, method, adapter, int(devices))))
         return
     rows, device = [], "cpu"
     for size in args.sizes:
         for method in args.methods:
             for adapter in args.adapters:
-                result = run_child(size, method, adapter)
+                result = run_child(size, method, adapter, args.devices)
                 device = result["device"]
                 error = result["measured"] / result["planned"] - 1
                 rows.append((size, method, adapter, result, error))
@@ -207,7 +219,8 @@ def main() -> None:
                     flush=True,
                 )
     lines = [
-        f"Measured by `python -m benchmarks.memory` on {date.today()} ({device}): micro-batch {BATCH}, rows of "
+        f"Measured by `python -m benchmarks.memory{f' --devices {args.devices}' if args.devices > 1 else ''}` on "
+        f"{date.today()} ({device}): micro-batch {BATCH}{' per process' if args.devices > 1 else ''}, rows of "
         f"{MAX_LENGTH} tokens (PPO: + {NEW_TOKENS} generated), {STEPS} steps, fp32 weights (QLoRA: NF4 body, "
         "bfloat16 compute). Measured: "
         + (
@@ -228,7 +241,15 @@ def main() -> None:
     lines += ["", f"Worst row: {worst[0]} {worst[1]} {worst[2]}, {worst[4]:+.1%}."]
     text = "\n".join(lines)
     out = Path(args.out) if args.out else ROOT / ("MEMORY-GPU.md" if device == "cuda" else "MEMORY.md")
-    out.write_text("# Memory plan against measured peaks\n\n" + text + "\n")
+    title, sharded = "# Memory plan against measured peaks\n\n", "\n## Sharded"
+    existing = out.read_text() if out.exists() else title
+    if args.devices > 1:  # a section of its own, after the one-process table
+        heading = f"{sharded}: FSDP2 over {args.devices} processes"
+        before, _, after = existing.partition(heading)
+        rest = after[after.find(sharded) :] if sharded in after else ""
+        out.write_text(before.rstrip() + "\n" + heading + "\n\n" + text + "\n" + rest)
+    else:  # the sharded sections stay
+        out.write_text(title + text + "\n" + existing[existing.find(sharded) :] if sharded in existing else "")
     print("\n" + text)
 
 

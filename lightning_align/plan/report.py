@@ -125,7 +125,16 @@ def plan_run(spec: RunSpec) -> Plan:
             f"generation's KV cache ({gib(generation)}) is held while sampling, when no activations are: "
             "the larger of the two counts"
         )
-        parts["activations"] = max(parts.pop(next(k for k in parts if k.startswith("activations"))), generation)
+        activations = parts.pop(next(k for k in parts if k.startswith("activations")))
+        gathered = parts.get("gathered whole while computing", 0)
+        if gathered:  # sampling gathers the whole policy once for the rollout (modules/sharding.py)
+            whole = model_bytes(config, weight_dtype(dataclasses.replace(spec, adapter=None)))
+            sampling, learning = whole + generation, gathered + activations
+            parts["gathered whole while computing"] = whole if sampling > learning else gathered
+            parts["activations"] = generation if sampling > learning else activations
+            notes.append(f"fsdp: sampling holds the whole policy gathered ({gib(whole)}) with its KV cache")
+        else:
+            parts["activations"] = max(activations, generation)
     plan = Plan(
         spec,
         parts,
@@ -134,6 +143,12 @@ def plan_run(spec: RunSpec) -> Plan:
         measured["trainable"],
         measured["total"],
     )
+    if spec.strategy == "fsdp" and spec.devices > 1:
+        # Each process loads the whole model (and copies a full-weight reference) before sharding them.
+        whole = model_bytes(config, weight_dtype(dataclasses.replace(spec, adapter=None)))
+        copies = 2 if "reference model (frozen copy)" in parts else 1
+        plan.setup = copies * (whole + whole // spec.devices)
+        notes.append(f"fsdp: at set-up each process holds {copies} whole model(s) while sharding ({gib(plan.setup)})")
     plan.seconds = time.perf_counter() - started
     return plan
 

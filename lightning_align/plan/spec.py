@@ -96,10 +96,11 @@ class Plan:
     trainable_params: int = 0
     total_params: int = 0
     seconds: float = 0.0
+    setup: int = 0  # sharded runs: every process holds the whole model while it shards it
 
     @property
     def peak(self) -> int:
-        return sum(self.parts.values())
+        return max(sum(self.parts.values()), self.setup)
 
     @property
     def cuda_overhead(self) -> int:
@@ -122,6 +123,8 @@ class Plan:
         width = max(len(name) for name in self.parts)
         for name, n in self.parts.items():
             lines.append(f"  {name:<{width}}  {gib(n):>10}")
+        if self.setup:
+            lines.append(f"  {'set-up (whole, then sharded)':<{width}}  {gib(self.setup):>10}  (the peak if larger)")
         lines.append(f"  {'peak per device':<{width}}  {gib(self.peak):>10}")
         lines.append(
             f"  {'with CUDA context and slack':<{width}}  {gib(self.device_total()):>10}"
