@@ -3,6 +3,7 @@ throughput logging and export in Hugging Face format."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from lightning_align.modules.pretrained import (
     export_model,
     load_pretrained,
 )
-from lightning_align.modules.sharding import check_mesh, shard
+from lightning_align.modules.sharding import SHARDING_STRATEGIES, check_mesh, shard
 from lightning_align.outputs import report_output_places
 from lightning_align.scoring.model import unwrapped
 
@@ -288,6 +289,9 @@ class AlignModule(L.LightningModule):
                 f"{DATA_MODULES[self.batch_kind]}"
                 + (" (it also reads preference pairs, splitting each in two)" if self.batch_kind == "unpaired" else "")
             )
+        scoring = getattr(self, "scoring", None)
+        if scoring is not None and self.trainer.world_size > 1:  # every process takes the same scoring plan
+            scoring.agree = functools.partial(self.trainer.strategy.reduce_boolean_decision, all=True)
 
     def check_batch(self, batch: dict) -> None:
         """Refuse, at the first batch, batches of another kind than the method needs (a `DPOModule` fed by an
@@ -384,8 +388,7 @@ class AlignModule(L.LightningModule):
 
     @property
     def weights_sharded(self) -> bool:
-        """Whether the strategy shards the weights (FSDP, DeepSpeed): then the output layer is used only through
-        the model's own forward."""
+        """Whether the strategy shards the weights: then the output layer is used through the model's forward."""
         return self._trainer is not None and type(self.trainer.strategy).__name__ in SHARDING_STRATEGIES
 
     # ----- export ------------------------------------------------------------------------------------------------
@@ -397,7 +400,3 @@ class AlignModule(L.LightningModule):
         (written beside it and renamed into place); a folder that holds anything else is refused unless
         `overwrite=True`, which replaces only the files an export writes; a path that is a file is refused."""
         return export_model(self, Path(path), merge_adapter, overwrite)
-
-
-# Strategies that shard weights: the output layer's weight is whole only inside the model's own forward.
-SHARDING_STRATEGIES = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}

@@ -12,6 +12,8 @@ from torch import nn
 
 from lightning_align.scoring.model import unwrapped
 
+# Strategies that shard weights: the output layer's weight is whole only inside the model's own forward.
+SHARDING_STRATEGIES = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}
 STRATEGY_LINE = (
     "--trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy "
     "--trainer.strategy.data_parallel_size <devices> --trainer.strategy.tensor_parallel_size 1"

@@ -113,11 +113,18 @@ def low_precision(model: nn.Module) -> bool:
 
 
 def checked_plan(
-    model: nn.Module, fast: ScoringPlan, score: Callable[[ScoringPlan], torch.Tensor], check: str, what: str
+    model: nn.Module,
+    fast: ScoringPlan,
+    score: Callable[[ScoringPlan], torch.Tensor],
+    check: str,
+    what: str,
+    agree: Callable[[bool], bool] | None = None,
 ) -> ScoringPlan:
     """The first plan of `fallbacks(fast)` whose `score` of the same rows equals the model's own padded forward's
     (SAFE_PLAN), in eval mode and without autocast: per value within 1e-3 in float32 (paths differ by about
-    1e-6 there), 5e-2 in lower precision. `check="error"` stops at the first difference instead."""
+    1e-6 there), 5e-2 in lower precision. `check="error"` stops at the first difference instead. With several
+    processes, `agree` tells whether a plan passed on every process's rows: all of them then take the same plan
+    (and run the same forwards, as sharded weights require)."""
     tolerance = 5e-2 if low_precision(model) else 1e-3
     device_type = next(model.parameters()).device.type
     with torch.no_grad(), torch.autocast(device_type, enabled=False), eval_mode(model):
@@ -128,6 +135,8 @@ def checked_plan(
                 problem = None if difference <= tolerance else f"differs by up to {difference:.2e}"
             except Exception as err:  # noqa: BLE001 - any failure of a fast path means: not this one
                 problem = f"failed ({type(err).__name__}: {err})"
+            if agree is not None and not agree(problem is None):
+                problem = problem or "differs on another process's rows"
             if problem is None:
                 return plan
             message = f"scoring {what}: {plan} {problem} from the model's own padded forward"
@@ -142,8 +151,9 @@ class Scoring:
 
     `check`: "fallback" checks the fast plan on the first rows against the model's own padded forward and takes
     a safer plan where it differs; "error" stops instead; "off" trusts families the architecture grid proves
-    and scores any other model on the safe path. Under sharded strategies the check is skipped (every process
-    must run the same forwards) and unproven families take the safe path.
+    and scores any other model on the safe path. With several processes the module sets `agree` (all processes
+    passed?), so every process takes the same plan; sharded weights need it, since every process must run the
+    same forwards, and without it the check is skipped there and unproven families take the safe path.
     """
 
     def __init__(self, check: str = "fallback"):
@@ -151,6 +161,8 @@ class Scoring:
             raise ValueError(f"unknown scoring_check {check!r}; valid: {', '.join(SCORING_CHECKS)}")
         self.check = check
         self.plans: dict[int, ScoringPlan] = {}
+        self.checked: dict[int, bool] = {}  # whether each plan was checked on the first batch
+        self.agree: Callable[[bool], bool] | None = None
 
     def plan(
         self,
@@ -163,17 +175,18 @@ class Scoring:
         key = id(unwrapped(model))
         if key not in self.plans:
             self.plans[key] = self.decide(model, score, device, sharded, packing)
+            self.checked[key] = self.check != "off" and (not sharded or self.agree is not None)
         return self.plans[key]
 
     def decide(self, model, score, device, sharded, packing) -> ScoringPlan:
         fast = fastest_plan(model, device, sharded, packing)
         model_type = getattr(unwrapped(model).config, "model_type", "unknown")
         what = f"{model_type} ({type(unwrapped(model)).__name__})"
-        if self.check == "off" or sharded:
+        if self.check == "off" or (sharded and self.agree is None):
             plan = fast if fast.proven else SAFE_PLAN
             how = "proven by the architecture grid" if fast.proven else "not in the architecture grid, unchecked"
         else:
-            plan = checked_plan(model, fast, score, self.check, what)
+            plan = checked_plan(model, fast, score, self.check, what, self.agree)
             how = ("proven by the architecture grid" if plan.proven else "not in the architecture grid") + (
                 ", checked on the first batch"
             )

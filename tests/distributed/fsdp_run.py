@@ -196,6 +196,9 @@ def main(out: Path, devices: int) -> None:
                     "sharded": sharded,
                     "world_size": fit.world_size,
                     "gathers": gathers,
+                    # how each network was scored, and whether the first batch checked it (agreed by all processes)
+                    "plans": [(plan.packing, plan.output_layer) for plan in module.scoring.plans.values()],
+                    "checked": list(module.scoring.checked.values()),
                 },
                 out / f"{name}-{devices}.pt",
             )

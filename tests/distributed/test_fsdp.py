@@ -91,6 +91,19 @@ def test_a_sharded_lora_run_exports_the_adapter_merged_into_the_whole_weights(ru
     assert any((merged[n] - w).abs().max() > 1e-4 for n, w in base.items())  # the adapter is in it
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_the_first_batch_checks_the_scoring_path_under_sharding_too(runs, case):
+    one, two = torch.load(runs / f"{case}-1.pt"), torch.load(runs / f"{case}-2.pt")
+    assert two["checked"] and all(two["checked"])  # not skipped: every process checked, and they agreed
+    # The same packing as one process, except where packing needs a head outside the model's forward, which gathers
+    # its weights: the reward model's score head, and online RL (packed only with the chunked output layer). The
+    # output layer runs through the model's forward (its weight is sharded).
+    padded = case == "reward" or case.startswith(("ppo", "grpo"))
+    packings = ["padded" if padded else packing for packing, _ in one["plans"]]
+    assert [packing for packing, _ in two["plans"]] == packings
+    assert all(layer != "chunked" for _, layer in two["plans"])
+
+
 def test_sampling_with_sharded_weights_gathers_them_once_per_rollout_batch_not_per_token(runs):
     gathers, tokens, units = torch.load(runs / "ppo-2.pt")["gathers"]
     assert tokens > 1 and units >= 3  # the root and a unit per decoder layer
