@@ -41,7 +41,8 @@ from lightning_align.modules.sharding import full_state_dict, is_sharded
 # A frozen reference copy and AdamW states; sampling that must continue where it was; a checkpoint without the
 # frozen base (LoRA's, which also writes the adapter beside it from every process's shards).
 RESUMED = ["dpo", "grpo", "sft-lora"]
-CASES = ["sft", "sft-lora", "reward", "dpo", "dpo-ipo-lora", "orpo", "kto", "ppo", "ppo-lora", "grpo", "grpo-lora"]
+CASES = ["sft", "sft-lora", "reward", "reward-lora", "dpo", "dpo-ipo-lora", "orpo", "orpo-lora", "kto", "kto-lora"]
+CASES += ["ppo", "ppo-lora", "grpo", "grpo-lora"]
 
 
 class LoggedLosses(L.Callback):
@@ -95,7 +96,7 @@ def case(name: str, devices: int):
     """The module, its data (a global batch of 8 rows or pairs) and the validation metric to compare."""
     if name.startswith("sft"):
         return SFTModule(DEMO_MODEL, learning_rate=1e-3), sft_data(devices), "val/loss"
-    if name == "kto":
+    if name.startswith("kto"):
         data = UnpairedPreferenceDataModule(
             DEMO_MODEL, "demo:preference_train", "demo:preference_val", batch_size=8 // devices, max_length=64
         )
@@ -103,9 +104,9 @@ def case(name: str, devices: int):
     if name.startswith(("ppo", "grpo")):
         return online_case(name, devices)
     data = preference_data(devices)
-    if name == "reward":
+    if name.startswith("reward"):
         return RewardModule(DEMO_MODEL, learning_rate=1e-3), data, "val/accuracy"
-    if name == "orpo":
+    if name.startswith("orpo"):
         return ORPOModule(DEMO_MODEL, learning_rate=1e-3), data, "val/loss"
     loss_type = "ipo" if "ipo" in name else "sigmoid"
     return DPOModule(DEMO_MODEL, loss_type=loss_type, learning_rate=1e-3), data, "val/rewards/margins"

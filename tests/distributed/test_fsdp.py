@@ -22,7 +22,8 @@ def runs(tiny_model, tmp_path_factory):
     return run_on_two_and_one(SCRIPT, tmp_path_factory.mktemp("fsdp"))
 
 
-CASES = ["sft", "sft-lora", "reward", "dpo", "dpo-ipo-lora", "orpo", "kto", "ppo", "ppo-lora", "grpo", "grpo-lora"]
+CASES = ["sft", "sft-lora", "reward", "reward-lora", "dpo", "dpo-ipo-lora", "orpo", "orpo-lora", "kto", "kto-lora"]
+CASES += ["ppo", "ppo-lora", "grpo", "grpo-lora"]
 # What each step of the online methods logs, over the global batch (one process's whole batch): the losses, and the
 # rollout's statistics, which differ unless both runs sample the same tokens.
 ONLINE = ["loss", "loss/policy", "loss/value", "reward/mean", "response_length", "kl", "entropy", "policy/clipfrac"]
@@ -98,7 +99,7 @@ def test_the_first_batch_checks_the_scoring_path_under_sharding_too(runs, case):
     # The same packing as one process, except where packing needs a head outside the model's forward, which gathers
     # its weights: the reward model's score head, and online RL (packed only with the chunked output layer). The
     # output layer runs through the model's forward (its weight is sharded).
-    padded = case == "reward" or case.startswith(("ppo", "grpo"))
+    padded = case.startswith(("reward", "ppo", "grpo"))
     packings = ["padded" if padded else packing for packing, _ in one["plans"]]
     assert [packing for packing, _ in two["plans"]] == packings
     assert all(layer != "chunked" for _, layer in two["plans"])
