@@ -14,9 +14,9 @@ from torchmetrics import MeanMetric
 
 from lightning_align.modules.base import AlignModule, ModelSource
 from lightning_align.modules.reference import Reference
-from lightning_align.modules.rewards import Rewards, RewardSource
+from lightning_align.modules.rewards import RewardModelScorer, Rewards, RewardSource
 from lightning_align.modules.sampling import ProcessShare, Sampler
-from lightning_align.modules.sharding import gathered_while_decoding
+from lightning_align.modules.sharding import gathered_while_decoding, is_sharded, shard
 from lightning_align.scoring.model import eval_mode
 from lightning_align.scoring.plan import CHECKED_ROWS, Scoring, ScoringPlan, output_weight
 from lightning_align.scoring.responses import response_forward
@@ -132,6 +132,11 @@ class OnlineRLModule(AlignModule):
     def ensure_rewards(self) -> None:
         param = next(self.model.parameters())
         self.rewards.resolve(self.device, param.dtype if param.is_floating_point() else None)
+        if self.device_mesh is not None:  # reward models sharded like the policy, gathered layer by layer to score
+            for scorer in self.rewards.functions:
+                if isinstance(scorer, RewardModelScorer) and not is_sharded(scorer.module.model):
+                    scorer.module.padding_free = False  # its score head then runs inside the forward that gathers it
+                    shard(scorer.module.model, self.device_mesh["data_parallel"])
 
     # ----- sampling and scoring ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -42,7 +42,8 @@ from lightning_align.modules.sharding import full_state_dict, is_sharded
 # frozen base (LoRA's, which also writes the adapter beside it from every process's shards).
 RESUMED = ["dpo", "grpo", "sft-lora"]
 CASES = ["sft", "sft-lora", "reward", "reward-lora", "dpo", "dpo-ipo-lora", "orpo", "orpo-lora", "kto", "kto-lora"]
-CASES += ["ppo", "ppo-lora", "grpo", "grpo-lora"]
+CASES += ["ppo", "ppo-lora", "ppo-reward-model", "grpo", "grpo-lora"]
+REWARD_MODEL = "reward-model"  # a folder under OUT_DIR, made by the test before the runs (a sequence classifier)
 
 
 class LoggedLosses(L.Callback):
@@ -92,7 +93,7 @@ def sft_data(devices: int) -> SFTDataModule:
     return SFTDataModule(DEMO_MODEL, "demo:sft_train", "demo:sft_val", batch_size=8 // devices, max_length=64)
 
 
-def case(name: str, devices: int):
+def case(name: str, devices: int, out: Path = Path()):
     """The module, its data (a global batch of 8 rows or pairs) and the validation metric to compare."""
     if name.startswith("sft"):
         return SFTModule(DEMO_MODEL, learning_rate=1e-3), sft_data(devices), "val/loss"
@@ -102,7 +103,7 @@ def case(name: str, devices: int):
         )
         return KTOModule(DEMO_MODEL, learning_rate=1e-3), data, "val/loss"
     if name.startswith(("ppo", "grpo")):
-        return online_case(name, devices)
+        return online_case(name, devices, out)
     data = preference_data(devices)
     if name.startswith("reward"):
         return RewardModule(DEMO_MODEL, learning_rate=1e-3), data, "val/accuracy"
@@ -117,11 +118,13 @@ def digit_share(prompts: list[str], completions: list[str]) -> list[float]:
     return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
 
 
-def online_case(name: str, devices: int):
+def online_case(name: str, devices: int, out: Path):
     """PPO with its value head on the policy (a global rollout batch of 8) and GRPO with a sharded reference copy
     (beta > 0), the batch's reward std and DAPO's token mean (4 prompts x 4 samples): statistics of the whole
     batch, which each process must compute over every process's rows."""
     reward = "tests.distributed.fsdp_run:digit_share"  # a path, not the function: checkpoints load it safely
+    if name.endswith("reward-model"):  # scored by a reward model, sharded like the policy
+        reward = str(out / REWARD_MODEL)
     if name.startswith("ppo"):
         prompts = 8 // devices
         module = PPOModule(
@@ -180,7 +183,7 @@ def main(out: Path, devices: int) -> None:
         losses = LoggedLosses()
         callbacks.append(losses)
         fit = trainer(devices, run, callbacks)
-        module, data, metric = case(name, devices)
+        module, data, metric = case(name, devices, out)
         fit.fit(module, datamodule=data)
         sharded = is_sharded(module.model)
         weights = full_state_dict(module.model) if sharded else module.model.state_dict()
@@ -200,6 +203,11 @@ def main(out: Path, devices: int) -> None:
                     # how each network was scored, and whether the first batch checked it (agreed by all processes)
                     "plans": [(plan.packing, plan.output_layer) for plan in module.scoring.plans.values()],
                     "checked": list(module.scoring.checked.values()),
+                    "reward_model_sharded": any(
+                        is_sharded(scorer.module.model)
+                        for scorer in getattr(getattr(module, "rewards", None), "functions", None) or []
+                        if hasattr(scorer, "module")
+                    ),
                 },
                 out / f"{name}-{devices}.pt",
             )

@@ -19,11 +19,28 @@ SCRIPT = Path(__file__).with_name("fsdp_run.py")
 
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
-    return run_on_two_and_one(SCRIPT, tmp_path_factory.mktemp("fsdp"))
+    out = tmp_path_factory.mktemp("fsdp")
+    save_reward_model(out / "reward-model")
+    return run_on_two_and_one(SCRIPT, out)
+
+
+def save_reward_model(folder: Path) -> None:
+    """The tiny model as a sequence classifier with a seeded score head: a reward model for PPO to shard."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lightning_align.assets import resolve_model
+    from lightning_align.demos.assets import DEMO_MODEL
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(DEMO_MODEL))
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model(DEMO_MODEL), num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 CASES = ["sft", "sft-lora", "reward", "reward-lora", "dpo", "dpo-ipo-lora", "orpo", "orpo-lora", "kto", "kto-lora"]
-CASES += ["ppo", "ppo-lora", "grpo", "grpo-lora"]
+CASES += ["ppo", "ppo-lora", "ppo-reward-model", "grpo", "grpo-lora"]
 # What each step of the online methods logs, over the global batch (one process's whole batch): the losses, and the
 # rollout's statistics, which differ unless both runs sample the same tokens.
 ONLINE = ["loss", "loss/policy", "loss/value", "reward/mean", "response_length", "kl", "entropy", "policy/clipfrac"]
@@ -99,10 +116,16 @@ def test_the_first_batch_checks_the_scoring_path_under_sharding_too(runs, case):
     # The same packing as one process, except where packing needs a head outside the model's forward, which gathers
     # its weights: the reward model's score head, and online RL (packed only with the chunked output layer). The
     # output layer runs through the model's forward (its weight is sharded).
-    padded = case.startswith(("reward", "ppo", "grpo"))
+    padded = case.startswith(("reward", "ppo", "grpo"))  # (a reward model's plan is its own module's, not here)
     packings = ["padded" if padded else packing for packing, _ in one["plans"]]
     assert [packing for packing, _ in two["plans"]] == packings
     assert all(layer != "chunked" for _, layer in two["plans"])
+
+
+def test_a_reward_model_scoring_the_rollouts_is_sharded_like_the_policy(runs):
+    one, two = torch.load(runs / "ppo-reward-model-1.pt"), torch.load(runs / "ppo-reward-model-2.pt")
+    assert two["reward_model_sharded"] and not one["reward_model_sharded"]
+    assert two["losses"][0]["reward/mean"] != 0  # it scored (the equality with one process is asserted above)
 
 
 def test_sampling_with_sharded_weights_gathers_them_once_per_rollout_batch_not_per_token(runs):
