@@ -43,7 +43,7 @@ class GRPOModule(OnlineRLModule):
             the generation batch); see `clipped_policy_loss`.
         epsilon, epsilon_high: the ratio clip, [1 - epsilon, 1 + epsilon_high] (DAPO's clip-higher: 0.28).
         num_iterations: learning passes over each generation batch (GRPO's mu); minibatch_size: samples per
-            optimiser step (default: the whole generation batch, one step per pass).
+            optimiser step, per process (default: the whole generation batch, one step per pass).
         beta: KL to the reference. GRPO and RLOO add beta * k3 to the loss; REINFORCE++ subtracts beta * KL_t
             (k1) from each token's reward. None: 0 for GRPO and RLOO (no reference model is kept: TRL's default
             and Dr. GRPO's finding), 0.01 for REINFORCE++.

@@ -57,7 +57,8 @@ class PPOModule(OnlineRLModule):
         policy: the model to train (name, folder or `nn.Module`).
         reward, reward_weights, reward_aggregation: one reward or several, weighted (see `OnlineRLModule`).
         max_new_tokens, temperature, top_k, top_p: sampling of the rollouts.
-        ppo_epochs, minibatch_size: passes over each rollout batch and sequences per optimiser step.
+        ppo_epochs, minibatch_size: passes over each rollout batch and sequences per optimiser step (per process,
+            like the data's batch_size).
         clip_eps, value_clip_eps, vf_coef: PPO's policy and value clipping and the value loss weight.
         gamma, lam: discount and GAE parameter.
         critic: a reward model folder (sharing the policy's tokenizer) to initialise a separate value model from,
