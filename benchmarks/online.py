@@ -65,7 +65,8 @@ def prompt_file(folder: Path) -> Path:
     return path
 
 
-def run_ours(folder: Path) -> list[dict]:
+def grpo_module(folder: Path):
+    """Our side of the GRPO comparison: every sample exactly NEW_TOKENS long."""
     from lightning_align import GRPOModule
 
     module = GRPOModule(
@@ -77,9 +78,13 @@ def run_ours(folder: Path) -> list[dict]:
         scoring_check="off",
     )
     module.sampling["min_new_tokens"] = NEW_TOKENS  # the same token count on both sides
+    return module
+
+
+def run_ours(folder: Path) -> list[dict]:
     steps = fit_timed(
         folder,
-        module,
+        grpo_module(folder),
         PROMPTS,
         WARMUP_STEPS + TIMED_STEPS,
         lambda stats: (stats["time/generate"] + stats["time/reward"], PROMPTS * GENERATIONS * NEW_TOKENS),
@@ -87,10 +92,12 @@ def run_ours(folder: Path) -> list[dict]:
     return steps[WARMUP_STEPS:]
 
 
-def fit_timed(folder: Path, module, prompts: int, max_steps: int, generation) -> list[dict]:
+def fit_timed(folder: Path, module, prompts: int, max_steps: int, generation, devices: int = 1) -> list[dict]:
     """Fit `module` on the benchmark prompts, timing each rollout batch: {"total", "generate", "tokens"} per batch,
-    `generation(stats)` giving (generation seconds, generated tokens) from the module's logged rollout."""
+    `generation(stats)` giving (generation seconds, generated tokens) from the module's logged rollout. With
+    `devices` > 1, sharded over that many processes (FSDP2), the prompts split between them."""
     import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
     from lightning_align import PromptDataModule
 
@@ -108,14 +115,17 @@ def fit_timed(folder: Path, module, prompts: int, max_steps: int, generation) ->
     data = PromptDataModule(
         str(folder),
         str(prompt_file(folder)),
-        batch_size=prompts,
+        batch_size=prompts // devices,
         max_length=256,
         apply_chat_template=False,
         shuffle=False,
     )
     L.seed_everything(0)
+    sharded = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if devices > 1 else "auto"
     L.Trainer(
         accelerator="cpu",
+        devices=devices,
+        strategy=sharded,
         max_steps=max_steps,
         logger=False,
         enable_checkpointing=False,

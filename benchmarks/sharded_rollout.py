@@ -16,66 +16,25 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 from benchmarks.compare import ROOT, build_fixture
-from benchmarks.online import GENERATIONS, NEW_TOKENS, PROMPTS, prompt_file, token_parity_reward
+from benchmarks.online import GENERATIONS, NEW_TOKENS, PROMPTS, fit_timed, grpo_module
 
 WARMUP_STEPS, TIMED_STEPS = 1, 4
 
 
 def child(devices: int) -> None:
-    import lightning as L
     import torch
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    from lightning_align import GRPOModule, PromptDataModule
+    from lightning.fabric.utilities import rank_zero_only
 
     torch.set_num_threads(2 // devices)
     folder = build_fixture(ROOT / ".fixture")
-    module = GRPOModule(
-        str(folder),
-        rewards=token_parity_reward,
-        num_generations=GENERATIONS,
-        max_new_tokens=NEW_TOKENS,
-        learning_rate=1e-5,
-        scoring_check="off",
-    )
-    module.sampling["min_new_tokens"] = NEW_TOKENS  # every row samples the same number of tokens
-    steps, started = [], [0.0]
 
-    class Timer(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            started[0] = time.perf_counter()
+    def generation(stats: dict) -> tuple[float, int]:
+        return stats["time/generate"], PROMPTS * GENERATIONS * NEW_TOKENS
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            generate = pl_module.logged_rollout["time/generate"]
-            steps.append({"generate": generate, "total": time.perf_counter() - started[0]})
-
-    data = PromptDataModule(
-        str(folder),
-        str(prompt_file(folder)),
-        batch_size=PROMPTS // devices,
-        max_length=256,
-        apply_chat_template=False,
-        shuffle=False,
-    )
-    L.seed_everything(0)
-    strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if devices > 1 else "auto"
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        max_steps=WARMUP_STEPS + TIMED_STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Timer()],
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=data)
-    if trainer.is_global_zero:
+    steps = fit_timed(folder, grpo_module(folder), PROMPTS, WARMUP_STEPS + TIMED_STEPS, generation, devices)
+    if rank_zero_only.rank == 0:
         timed = steps[WARMUP_STEPS:]
         print(json.dumps({key: statistics.median(s[key] for s in timed) for key in ("generate", "total")}))
 
