@@ -245,10 +245,12 @@ class LoRA(L.Callback, ModelAdapter):
                 del state[key]
         # The peft config lets a reader rebuild the model around the trained weights.
         checkpoint["adapter_config"] = plain_data(pl_module.model.peft_config["default"].to_dict())
-        # An adapter folder beside the checkpoints, loadable without Lightning. Every process calls the export (it
-        # gathers sharded weights); the first one writes.
-        folder = self.checkpoint_adapter_dir(trainer)
-        pl_module.save_pretrained(folder, overwrite=folder.is_dir() and holds_only_an_export(folder))
+        # An adapter folder beside the checkpoints, loadable without Lightning, written by the first process. Sharded,
+        # every process calls the export: all take part in gathering the weights (which also orders their checks of
+        # the folder before the write); unsharded, the others would check it while the first one writes it.
+        if is_sharded(pl_module.model) or trainer.is_global_zero:
+            folder = self.checkpoint_adapter_dir(trainer)
+            pl_module.save_pretrained(folder, overwrite=folder.is_dir() and holds_only_an_export(folder))
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if "state_dict" not in checkpoint:  # a distributed checkpoint: the strategy loads every weight, strictly
