@@ -9,7 +9,8 @@ Each row runs in a process of its own: a few training steps of the real module t
 held just before the fit: libraries imported, data tokenised), which the table shows, with glibc told to return
 freed blocks at once (`CHILD_ENV`); on a GPU
 `torch.cuda.max_memory_allocated`, and the table goes to MEMORY-GPU.md. Every row of the data is exactly
-`max_length` tokens long (prompts of PPO: `max_length`, answers `max_new_tokens`), as the plan assumes. QLoRA
+`max_length` tokens long (prompts of PPO: `max_length`, answers `max_new_tokens`), and SFT scores every token
+(`train_on_prompt`), as the plan assumes. QLoRA
 rows quantise a bfloat16 checkpoint (see `build_fixture`).
 Target: |measured / planned - 1| <= 10% on every row; the worst row is printed last.
 
@@ -134,7 +135,10 @@ def fit(size: str, method: str, adapter: str, steps: int, devices: int = 1) -> d
     folder = build_fixture(ROOT / f".fixture-memory-{size}", size)
     model = str(folder / "bf16" if adapter == "qlora" else folder)
     if method == "sft":
-        data = la.SFTDataModule(model, str(folder / "sft.jsonl"), batch_size=BATCH, max_length=MAX_LENGTH)
+        # Every token scored, as the plan assumes for SFT (its upper bound: plain text, or prompts trained on).
+        data = la.SFTDataModule(
+            model, str(folder / "sft.jsonl"), batch_size=BATCH, max_length=MAX_LENGTH, train_on_prompt=True
+        )
         module = la.SFTModule(model, learning_rate=1e-5)
     elif method in ("reward", "dpo"):
         data = la.PreferenceDataModule(model, str(folder / "pairs.jsonl"), batch_size=BATCH, max_length=MAX_LENGTH)
@@ -203,7 +207,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         size, method, adapter, devices = args.child
-        print(json.dumps(child(size, method, adapter, int(devices))))
+        # One write (atomic below the pipe's buffer size): sharded, every process prints its result at once.
+        os.write(1, (json.dumps(child(size, method, adapter, int(devices))) + "\n").encode())
         return
     rows, device = [], "cpu"
     for size in args.sizes:

@@ -128,6 +128,30 @@ def test_fsdp_shards_the_reference_copy_and_holds_the_root_and_two_layers_whole(
     assert "gathered whole while computing" not in one
 
 
+def test_fsdp_plans_the_largest_moment_of_the_step_and_set_up_apart(tmp_path):
+    # A large vocabulary makes the root (embeddings, output layer) most of the model, as in the 20M benchmark rows.
+    config = LlamaConfig(
+        vocab_size=32_000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    )
+    config.save_pretrained(tmp_path)
+    model = LlamaForCausalLM(config)
+    layer = 4 * sum(p.numel() for p in model.model.layers[0].parameters())
+    root = 4 * sum(p.numel() for p in model.parameters()) - 2 * layer
+    spec = RunSpec(str(tmp_path), method="sft", micro_batch=2, max_length=8, scoring_check="off")
+    sharded = dataclasses.replace(spec, strategy="fsdp", devices=2)
+    for accelerator, copies in (("cuda", 2), ("cpu", 3)):  # gloo adds a temporary copy to the reduce-scatter
+        plan = plan_run(dataclasses.replace(sharded, accelerator=accelerator))
+        assert plan.parts["gathered whole while computing"] == copies * root  # whole gradients, their copies
+        assert plan.parts["gradients"] == (root + 2 * layer) // 2  # every shard's gradient, at that moment
+        assert plan.parts["activations"] == 0
+        assert plan.peak == sum(plan.parts.values())
+        assert plan.setup == (root + 2 * layer) + (root + 2 * layer) // 2  # host memory: whole model, then the shard
+        assert any("reducing the root's gradients" in note for note in plan.notes)
+    lora = plan_run(dataclasses.replace(sharded, method="ppo", adapter="lora", max_new_tokens=8))
+    assert lora.parts["gathered whole while computing"] == 2 * root  # sampling: the whole policy, root first
+    assert any("peak is while sampling" in note for note in lora.notes)
+
+
 def test_the_depth_shortcut_equals_building_every_layer(llama_config, monkeypatch):
     for spec in [
         RunSpec(llama_config, method="sft", micro_batch=2, max_length=64),

@@ -296,10 +296,11 @@ class DPOModule(AlignModule):
 
     def preference_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loss and metrics of a batch, per example: the weighted sum of the loss types' losses."""
+        # The reference first: sharded, its gathered weights are freed before the policy's forward holds its own.
+        ref_sums = None if self.reference_free else torch.cat(self.reference_logps(batch))
         sums = self.sequence_logps(self.model, batch)
         lengths = (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
         means = sums / lengths
-        ref_sums = None if self.reference_free else torch.cat(self.reference_logps(batch))
         losses, shown, extra = 0.0, None, {}
         for kind, weight in zip(self.loss_types, self.loss_weights):
             averaged = kind in LENGTH_AVERAGED_LOSS_TYPES or (kind == "ipo" and self.ipo_normalize)

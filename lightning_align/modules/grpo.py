@@ -177,14 +177,15 @@ class GRPOModule(OnlineRLModule):
         else:
             rollout["loss_mask"] = mask
         samples = len(rollout["sequences"])
+        # The reference first: sharded, the policy's forward leaves its root gathered for the step that follows.
+        if self.reference is not None:
+            with self.reference(self.model) as reference:
+                rollout["ref_logprobs"], _ = self.response_logps(reference, rollout)
         if self.several_steps(samples) or self.advantage == "reinforce++":
             if rollout["sampled_logprobs"] is not None and self.sampled_logprobs_exact:
                 rollout["logprobs"] = rollout["sampled_logprobs"]  # the sampler's: no forward pass
             else:
                 rollout["logprobs"], _ = self.response_logps(self.model, rollout)
-        if self.reference is not None:
-            with self.reference(self.model) as reference:
-                rollout["ref_logprobs"], _ = self.response_logps(reference, rollout)
         reward = rollout["reward"]
         if self.advantage == "grpo":
             rollout["advantages"] = self.over_global_batch(

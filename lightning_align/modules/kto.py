@@ -145,10 +145,11 @@ class KTOModule(AlignModule):
     def kto_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Per example losses and rewards of a batch, and the batch's KL estimate."""
         examples, mismatched = batch_halves(batch)
+        # The reference first: sharded, its gathered weights are freed before the policy's forward holds its own.
+        ref, ref_kl = self.reference_logps(batch)
         policy = response_logps(self.model, examples, plan=self.scoring_plan(self.model, examples))
         with torch.no_grad():  # the reference point carries no gradient: no backward through these rows
             policy_kl = response_logps(self.model, mismatched, plan=self.scoring_plan(self.model, mismatched))
-        ref, ref_kl = self.reference_logps(batch)
         kl = kto_kl(*self.over_all_processes(policy_kl, ref_kl))
         losses, rewards = kto_loss(
             policy, ref, batch["desirable"], kl, self.beta, self.desirable_weight, self.undesirable_weight

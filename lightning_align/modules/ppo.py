@@ -169,12 +169,13 @@ class PPOModule(OnlineRLModule):
     def rollout(self, batch: dict) -> dict:
         rollout = self.sample(batch)
         started = time.perf_counter()
+        # The reference first: sharded, the policy's forward leaves its root gathered for the step that follows.
+        with self.reference(self.model) as reference:
+            ref_logprobs, _ = self.response_logps(reference, rollout)
         if self.critic is not None and rollout["sampled_logprobs"] is not None and self.sampled_logprobs_exact:
             rollout["logprobs"], values = rollout["sampled_logprobs"], self.critic_values(rollout)  # one pass less
         else:
             rollout["logprobs"], values = self.policy_forward(rollout)
-        with self.reference(self.model) as reference:
-            ref_logprobs, _ = self.response_logps(reference, rollout)
         scores = rollout["reward"]
         if scores.isnan().any():
             raise ValueError("every reward abstained (returned None) on a sample; PPO needs a score for each sample")

@@ -67,7 +67,8 @@ def export_model(module, path: Path, merge_adapter: bool, overwrite: bool) -> Pa
     merging = merge_adapter and adapter is not None
     if merging and not sharded:
         model = adapter.merged_copy(model, module)
-    state = full_state_dict(model) if sharded else None  # every process takes part in the gather
+    # Every process takes part in the gather; an adapter export gathers the adapter alone, not the frozen base.
+    state = full_state_dict(model, trained_only=adapter is not None and not merging) if sharded else None
     if module._trainer is None or module.trainer.is_global_zero:  # one writer under several processes
         if merging and sharded:  # merged into a whole copy built on this process alone
             model, state = adapter.merged_from_state(model, module, state), None

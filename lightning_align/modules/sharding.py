@@ -63,7 +63,9 @@ def check_mesh(module_name: str, mesh, proven: bool, precomputed: bool = False, 
 def shard(model: nn.Module, mesh) -> None:
     """FSDP2 over `mesh` (the data-parallel axis): each decoder layer its own unit (gathered for its forward and
     backward only), then the root (embeddings, final norm, output layer, score head, adapters outside layers). A
-    plain module (a value head) is one unit."""
+    plain module (a value head) is one unit. A network that trains keeps its root whole from forward to backward
+    (FSDP2's default); a frozen one (reference copy, reward model) has no backward to free it, so its root is freed
+    after each forward, else it would stay whole for the rest of the run."""
     from torch.distributed.fsdp import fully_shard
 
     layers = decoder_layers(model)
@@ -74,7 +76,8 @@ def shard(model: nn.Module, mesh) -> None:
         )
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    frozen = not any(p.requires_grad for p in model.parameters())
+    fully_shard(model, mesh=mesh, reshard_after_forward=True if frozen else None)
 
 
 @contextmanager
@@ -104,11 +107,13 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def full_state_dict(model: nn.Module) -> dict:
-    """The whole model's state dict gathered from the shards, on the CPU (every process must call this)."""
+def full_state_dict(model: nn.Module, trained_only: bool = False) -> dict:
+    """The model's state dict gathered from the shards, on the CPU (every process must call this); with
+    `trained_only`, only the weights that train (an adapter's), without gathering the frozen base."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only)
+    return get_model_state_dict(model, options=options)
 
 
 def without_tied_copies(model: nn.Module, state: dict) -> dict:

@@ -55,14 +55,19 @@ def model_bytes(config, dtype: torch.dtype, scorer: bool = False) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def sharding_unit_bytes(config, dtype: torch.dtype) -> tuple[int, int]:
-    """(the root's weights: embeddings, final norm, output layer; one decoder layer's), from the meta build: what
-    FSDP2 holds whole while they compute (the root from forward to the end of backward, a layer during its own)."""
-    from transformers import AutoModelForCausalLM
+def sharding_unit_bytes(config, dtype: torch.dtype, scorer: bool = False) -> tuple[int, int]:
+    """(the root's weights: embeddings, final norm, output layer, or with `scorer` a score head; one decoder
+    layer's), from the meta build: what FSDP2 holds whole while they compute (the root from forward to the end of
+    backward, a layer during its own)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.initialization import no_init_weights
 
+    if scorer:
+        config = copy.deepcopy(config)
+        config.num_labels = 1
     with torch.device("meta"), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        auto = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
+        model = auto.from_config(config, dtype=dtype)
     names = set(model._no_split_modules or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     total = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())

@@ -14,9 +14,9 @@ from lightning_align.plan.formulas import (
     SHARDED,
     gib,
     model_bytes,
-    sharding_unit_bytes,
     text_config,
 )
+from lightning_align.plan.sharded import sharded_moment
 from lightning_align.plan.spec import Plan, RunSpec, at_least, load_config, parse_bytes, spec_from_config
 from lightning_align.plan.step import SHALLOW_DEPTHS, measure, weight_dtype
 from lightning_align.scoring.plan import CHECKED_ROWS
@@ -97,6 +97,8 @@ def plan_run(spec: RunSpec) -> Plan:
         notes.append(f"{spec.strategy}: {', '.join(divide)} divided over {spec.devices} devices")
     if spec.strategy.startswith("ddp") and spec.devices > 1:
         parts["DDP gradient buckets"] = int(peak["grads"] * DDP_BUCKET_COPY)
+    sharded = spec.strategy == "fsdp" and spec.devices > 1
+    generation = 0
     frozen_dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(spec.precision, torch.float32)
     if spec.method in ("dpo", "kto", "ppo", "grpo") and spec.uses_reference and not spec.adapter:
         if spec.precompute_ref_logps:
@@ -110,13 +112,6 @@ def plan_run(spec: RunSpec) -> Plan:
         for part in ("reference model (frozen copy)", "critic (weights, gradients, AdamW)"):
             if part in parts:
                 parts[part] //= spec.devices
-    if spec.strategy == "fsdp" and spec.devices > 1:
-        root, layer = sharding_unit_bytes(config, weight_dtype(dataclasses.replace(spec, adapter=None)))
-        parts["gathered whole while computing"] = root + 2 * layer
-        notes.append(
-            f"fsdp: the root (embeddings, output layer: {gib(root)}) is whole from forward to backward, and two "
-            f"decoder layers ({gib(layer)} each: the one computing and the next, prefetched)"
-        )
     if spec.method in ("ppo", "grpo"):
         if spec.reward_model:
             parts["reward model"] = model_bytes(load_config(spec.reward_model), frozen_dtype, scorer=True)
@@ -125,16 +120,11 @@ def plan_run(spec: RunSpec) -> Plan:
             f"generation's KV cache ({gib(generation)}) is held while sampling, when no activations are: "
             "the larger of the two counts"
         )
-        activations = parts.pop(next(k for k in parts if k.startswith("activations")))
-        gathered = parts.get("gathered whole while computing", 0)
-        if gathered:  # sampling gathers the whole policy once for the rollout (modules/sharding.py)
-            whole = model_bytes(config, weight_dtype(dataclasses.replace(spec, adapter=None)))
-            sampling, learning = whole + generation, gathered + activations
-            parts["gathered whole while computing"] = whole if sampling > learning else gathered
-            parts["activations"] = generation if sampling > learning else activations
-            notes.append(f"fsdp: sampling holds the whole policy gathered ({gib(whole)}) with its KV cache")
-        else:
-            parts["activations"] = max(activations, generation)
+        if not sharded:
+            key = next(k for k in parts if k.startswith("activations"))
+            parts[key] = max(parts[key], generation)
+    if sharded:
+        sharded_moment(spec, config, parts, measured["trainable"], generation, notes)
     plan = Plan(
         spec,
         parts,
@@ -143,12 +133,15 @@ def plan_run(spec: RunSpec) -> Plan:
         measured["trainable"],
         measured["total"],
     )
-    if spec.strategy == "fsdp" and spec.devices > 1:
-        # Each process loads the whole model (and copies a full-weight reference) before sharding them.
+    if sharded:
+        # Each process loads the whole model (and copies a full-weight reference) before sharding them: host memory.
         whole = model_bytes(config, weight_dtype(dataclasses.replace(spec, adapter=None)))
         copies = 2 if "reference model (frozen copy)" in parts else 1
         plan.setup = copies * (whole + whole // spec.devices)
-        notes.append(f"fsdp: at set-up each process holds {copies} whole model(s) while sharding ({gib(plan.setup)})")
+        notes.append(
+            f"fsdp: at set-up each process holds {copies} whole model(s) in host memory while sharding "
+            f"({gib(plan.setup)}), before the device peak above"
+        )
     plan.seconds = time.perf_counter() - started
     return plan
 

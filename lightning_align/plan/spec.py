@@ -55,6 +55,7 @@ class RunSpec:
     minibatch_size: int | None = None
     reward_model: str | None = None
     critic: str | None = None
+    accelerator: str = "cuda"  # "cpu": gloo's collectives hold a temporary copy (plan/sharded.py)
 
     @property
     def rows(self) -> int:
@@ -96,11 +97,11 @@ class Plan:
     trainable_params: int = 0
     total_params: int = 0
     seconds: float = 0.0
-    setup: int = 0  # sharded runs: every process holds the whole model while it shards it
+    setup: int = 0  # sharded runs: host memory of each process while it loads the whole model and shards it
 
     @property
     def peak(self) -> int:
-        return max(sum(self.parts.values()), self.setup)
+        return sum(self.parts.values())
 
     @property
     def cuda_overhead(self) -> int:
@@ -124,7 +125,7 @@ class Plan:
         for name, n in self.parts.items():
             lines.append(f"  {name:<{width}}  {gib(n):>10}")
         if self.setup:
-            lines.append(f"  {'set-up (whole, then sharded)':<{width}}  {gib(self.setup):>10}  (the peak if larger)")
+            lines.append(f"  {'set-up (host memory)':<{width}}  {gib(self.setup):>10}  (whole, then sharded)")
         lines.append(f"  {'peak per device':<{width}}  {gib(self.peak):>10}")
         lines.append(
             f"  {'with CUDA context and slack':<{width}}  {gib(self.device_total()):>10}"
@@ -272,6 +273,7 @@ def spec_from_run(trainer, module, datamodule=None) -> RunSpec:
         strategy, f"deepspeed_stage_{stage}" if strategy == "DeepSpeedStrategy" else "auto"
     )
     values.update(devices=trainer.world_size, precision=str(trainer.precision), torch_dtype=module.torch_dtype)
+    values["accelerator"] = trainer.strategy.root_device.type
     values["gradient_checkpointing"] = bool(module.gradient_checkpointing)
     datamodule = datamodule or getattr(trainer, "datamodule", None)
     if datamodule is not None:

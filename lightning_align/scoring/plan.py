@@ -191,6 +191,8 @@ class Scoring:
                 ", checked on the first batch"
             )
         why = "" if plan == fast else f" (instead of {fast})"
+        if sharded and output_weight(model) is not None:  # the chunked product would need the output weight whole
+            why += "; output layer not chunked: sharded, its weight is whole only inside the model's own forward"
         if packing and model_type in PACKING_REFUSED:
             why += f"; not packed: {PACKING_REFUSED[model_type]}"
         elif packing and model_type in ONE_ROW_REFUSED and plan.packing == "rows":

@@ -95,3 +95,12 @@ def test_the_readme_table_of_scoring_paths_is_the_generated_one():
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     documented = readme.split("<!-- architectures -->\n")[1].split("\n<!-- /architectures -->")[0]
     assert documented == scoring_table()
+
+
+def test_sharded_scoring_says_why_the_output_layer_is_not_chunked(model_folders, tmp_path, caplog):
+    module = ready(DPOModule(model_folders("llama"), scoring_check="off"), tmp_path=tmp_path)
+    assert scoring.output_weight(module.model) is not None  # one process would chunk it
+    with caplog.at_level(logging.INFO):
+        plan = module.scoring.plan(module.model, lambda plan: None, module.device, sharded=True)
+    assert plan.output_layer == "logits_to_keep"
+    assert "output layer not chunked: sharded" in caplog.text
