@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_align.modules.batches import BATCH_KINDS, DATA_MODULES, batch_kind, real_tokens, sequence_lengths
+from lightning_align.modules.optimisation import adamw, clip_gradients
 from lightning_align.modules.pretrained import (
     disable_dropout,
     export_model,
@@ -193,19 +193,7 @@ class AlignModule(L.LightningModule):
     # ----- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self):
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        decay = [p for n, p in trainable if p.ndim >= 2]
-        no_decay = [p for n, p in trainable if p.ndim < 2]
-        # One fused kernel per step where torch has one: a third of the foreach step's time on a CPU. Not under
-        # mixed precision, where Lightning refuses to clip the gradients of a fused optimiser (PPO always clips).
-        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for _, p in trainable) and not (
-            isinstance(self.trainer.precision_plugin, MixedPrecision)
-        )
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.learning_rate,
-            betas=self.betas,
-            fused=fused or None,
-        )
+        optimizer = adamw(trainable, self.learning_rate, self.betas, self.weight_decay)
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) else 10**9
         if self.warmup_steps >= total:
@@ -219,6 +207,14 @@ class AlignModule(L.LightningModule):
             optimizer, lambda step: cosine_with_warmup(step, self.warmup_steps, total, self.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # fused under mixed precision too
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # The gradients die with their step (Lightning would drop them after the next step's forward).
+        optimizer.zero_grad(set_to_none=True)
 
     # ----- the step the planner measures ------------------------------------------------------------------------
     def step_losses(self, batch: dict) -> Iterator[torch.Tensor]:

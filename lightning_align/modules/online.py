@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lightning_align.modules.base import AlignModule, ModelSource
+from lightning_align.modules.optimisation import clip_gradients
 from lightning_align.modules.reference import Reference
 from lightning_align.modules.rewards import RewardModelScorer, Rewards, RewardSource
 from lightning_align.modules.sampling import ProcessShare, Sampler
@@ -309,7 +310,7 @@ class OnlineRLModule(AlignModule):
         if not self.gradients_finite():
             return False
         if self.max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+            clip_gradients(self, optimizer, self.max_grad_norm, "norm")
         optimizer.step()  # Lightning counts these: max_steps is in optimiser steps
         # Dropped now, not before the next backward: the next step's forward then runs without them.
         optimizer.zero_grad(set_to_none=True)

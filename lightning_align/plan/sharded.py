@@ -30,12 +30,10 @@ def sharded_moment(spec: RunSpec, config, parts: dict, trainable: int, generatio
     online = spec.method in ("ppo", "grpo")
     activations_key = next(k for k in parts if k.startswith("activations"))
     trained_bytes = trainable * torch.finfo(weight_dtype(spec)).bits // 8 // spec.devices
-    # Automatic optimisation keeps a step's gradients until the next forward; the online modules drop them.
-    kept = 0 if online else trained_bytes
     trained_root = 0 if spec.adapter else root  # an adapter leaves the root frozen
     moments = {
         "computing": (parts["gradients"], root + 2 * layer, parts[activations_key]),
-        "gathering the root": (kept, 2 * root, 0),
+        "gathering the root": (0, 2 * root, 0),  # at a forward's start: the last step's gradients are dropped
     }
     if trained_root:
         copies = 3 if spec.accelerator == "cpu" else 2

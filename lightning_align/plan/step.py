@@ -295,8 +295,7 @@ def measure_step(spec: RunSpec, config) -> dict[str, int]:
     step = TrainingStep(spec, module, autocast)
     batch = method_batch(spec)
     with mode, RealBatch(), mock.patch.object(torch, "logsumexp", logsumexp_as_the_kernel_runs):
-        # As `AlignModule.configure_optimizers`: fused AdamW, but the foreach one under mixed precision.
-        optimizer = torch.optim.AdamW(trainable, lr=1e-5, **({"foreach": True} if mixed else {"fused": True}))
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)  # as `modules.optimisation.adamw`
         first_batch_check = {"total": 0}
         if spec.scoring_check != "off" and spec.method != "reward" and not sharded:
             checked = min(CHECKED_ROWS, spec.micro_batch) if spec.method == "kto" else CHECKED_ROWS  # examples only
@@ -308,13 +307,10 @@ def measure_step(spec: RunSpec, config) -> dict[str, int]:
         for p in trainable:  # the state after a first step: gradients and optimiser states exist
             p.grad = torch.zeros_like(p)
         optimizer.step()
-        if spec.method in ("ppo", "grpo"):  # `OnlineRLModule.optimizer_step` drops them after each step
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # every module drops them after its step (modules/base.py)
         with tracked(model, optimizer) as tracker:
-            # Lightning's order (automatic optimisation): the last step's gradients live through this forward.
             loss = step(batch)
             forward_end = category_bytes(tracker.get_tracker_snapshot())
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             peak = category_bytes(tracker.get_tracker_snapshot("peak"))

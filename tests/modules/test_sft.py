@@ -2,6 +2,7 @@
 
 import json
 
+import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -199,17 +200,31 @@ def test_loss_from_scored_positions_only_equals_the_full_logits_loss(
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("precision, fused", [("32-true", True), ("bf16-mixed", False)])
-def test_adamw_is_fused_except_under_mixed_precision(tiny_model, plain_task_files, tmp_path, precision, fused):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_adamw_is_fused_and_clipped_under_every_precision(tiny_model, plain_task_files, tmp_path, precision):
     from tests.conftest import trainer
 
+    norms = []
+
+    def record(optimizer, args, kwargs):  # the gradients the step used (its closure computes them)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.nn.utils.get_total_norm(grads)))
+
+    class Norms(L.Callback):
+        def on_train_start(self, trainer, module):
+            trainer.optimizers[0].register_step_post_hook(record)
+
     dm = SFTDataModule(tiny_model, plain_task_files["sft_train"], batch_size=4, max_length=64)
-    fit = trainer(tmp_path, max_steps=1, precision=precision)
+    fit = trainer(tmp_path, max_steps=2, precision=precision, gradient_clip_val=0.05, callbacks=[Norms()])
     fit.fit(SFTModule(tiny_model), datamodule=dm)
-    assert bool(fit.optimizers[0].defaults["fused"]) is fused
+    assert fit.optimizers[0].defaults["fused"] is True
+    assert len(norms) == 2 and all(0 < norm <= 0.05 + 1e-6 for norm in norms)  # clipped (unscaled under 16-mixed)
 
 
-def test_fused_adamw_steps_equal_the_foreach_implementation(tiny_model, plain_task_files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fused_adamw_steps_equal_the_foreach_implementation(
+    tiny_model, plain_task_files, tmp_path, monkeypatch, precision
+):
     class ForeachAdamW(torch.optim.AdamW):
         def __init__(self, *args, fused=None, **kwargs):
             super().__init__(*args, **kwargs)
@@ -221,7 +236,7 @@ def test_fused_adamw_steps_equal_the_foreach_implementation(tiny_model, plain_ta
             monkeypatch.setattr(torch.optim, "AdamW", ForeachAdamW)
         torch.manual_seed(0)
         module = SFTModule(tiny_model, learning_rate=1e-3)
-        fit = trainer(tmp_path / str(fused), max_steps=3)
+        fit = trainer(tmp_path / str(fused), max_steps=3, precision=precision, gradient_clip_val=0.5)
         fit.fit(module, datamodule=dm)
         assert bool(fit.optimizers[0].param_groups[0]["fused"]) is fused
         weights[fused] = {n: p.detach().clone() for n, p in module.named_parameters()}
