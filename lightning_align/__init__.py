@@ -41,6 +41,9 @@ from lightning_align.modules import (  # noqa: E402
     RewardModule,
     SFTModule,
 )
+from lightning_align.modules.fsdp2 import FSDP2Strategy, register_strategy  # noqa: E402
+
+register_strategy()  # `Trainer(strategy="fsdp2")`, `--trainer.strategy fsdp2`
 
 __version__ = "0.1.0.dev0"
 __all__ = [
@@ -48,6 +51,7 @@ __all__ = [
     "DPOModule",
     "DataError",
     "ExportPretrained",
+    "FSDP2Strategy",
     "GRPOModule",
     "KTOModule",
     "GenerationSamples",

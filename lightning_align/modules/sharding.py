@@ -13,10 +13,11 @@ from torch import nn
 from lightning_align.scoring.model import unwrapped
 
 # Strategies that shard weights: the output layer's weight is whole only inside the model's own forward.
-SHARDING_STRATEGIES = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}
+SHARDING_STRATEGIES = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "FSDP2Strategy"}
 STRATEGY_LINE = (
-    "--trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy "
-    "--trainer.strategy.data_parallel_size <devices> --trainer.strategy.tensor_parallel_size 1"
+    "--trainer.strategy fsdp2 (lightning-align's name for --trainer.strategy "
+    "lightning.pytorch.strategies.ModelParallelStrategy --trainer.strategy.data_parallel_size <devices> "
+    "--trainer.strategy.tensor_parallel_size 1)"
 )
 
 

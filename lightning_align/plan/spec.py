@@ -269,9 +269,8 @@ def spec_from_run(trainer, module, datamodule=None) -> RunSpec:
     strategy = type(trainer.strategy).__name__
     deepspeed = getattr(trainer.strategy, "config", None) or {}  # DeepSpeedStrategy's config dict
     stage = deepspeed.get("zero_optimization", {}).get("stage") if isinstance(deepspeed, dict) else None
-    values["strategy"] = {"DDPStrategy": "ddp", "FSDPStrategy": "fsdp", "ModelParallelStrategy": "fsdp"}.get(
-        strategy, f"deepspeed_stage_{stage}" if strategy == "DeepSpeedStrategy" else "auto"
-    )
+    known = {"DDPStrategy": "ddp", "FSDPStrategy": "fsdp", "ModelParallelStrategy": "fsdp", "FSDP2Strategy": "fsdp"}
+    values["strategy"] = known.get(strategy, f"deepspeed_stage_{stage}" if strategy == "DeepSpeedStrategy" else "auto")
     values.update(devices=trainer.world_size, precision=str(trainer.precision), torch_dtype=module.torch_dtype)
     values["accelerator"] = trainer.strategy.root_device.type
     values["gradient_checkpointing"] = bool(module.gradient_checkpointing)

@@ -71,6 +71,8 @@ class Unproven(SFTModule):
 def trainer(devices: int, run: Path, callbacks=(), max_steps: int = 3, num_nodes: int = 1, **parallel) -> L.Trainer:
     parallel = parallel or {"data_parallel_size": devices * num_nodes, "tensor_parallel_size": 1}
     strategy = ModelParallelStrategy(**parallel) if devices * num_nodes > 1 else "auto"
+    if num_nodes > 1:  # our short name: every process on the data-parallel axis, found by itself
+        strategy = "fsdp2"
     return L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -262,7 +264,8 @@ def resume(run: Path, name: str) -> None:
 
 def two_nodes(out: Path) -> None:
     """The SFT case as 2 nodes x 1 process, each node started by its own `torchrun --nnodes 2` (Lightning's
-    multi-node path): rank 0 saves the logged losses and the weights to OUT_DIR/sft-nodes.pt."""
+    multi-node path), under the "fsdp2" strategy: rank 0 saves the logged losses and the weights to
+    OUT_DIR/sft-nodes.pt."""
     torch.set_num_threads(1)
     L.seed_everything(0)
     losses = LoggedLosses()
@@ -271,7 +274,9 @@ def two_nodes(out: Path) -> None:
     fit.fit(module, datamodule=data)
     weights = full_state_dict(module.model)
     if fit.is_global_zero:
-        torch.save({"losses": losses.values, "weights": weights, "world_size": fit.world_size}, out / "sft-nodes.pt")
+        strategy = type(fit.strategy).__name__
+        result = {"losses": losses.values, "weights": weights, "world_size": fit.world_size, "strategy": strategy}
+        torch.save(result, out / "sft-nodes.pt")
 
 
 if __name__ == "__main__":

@@ -177,8 +177,18 @@ def test_two_nodes_started_by_torchrun_train_like_one_process(runs):
         _, err = node.communicate(timeout=300)
         assert node.returncode == 0, err[-3000:]
     one, nodes = torch.load(runs / "sft-1.pt"), torch.load(runs / "sft-nodes.pt")
-    assert nodes["world_size"] == 2
+    assert nodes["world_size"] == 2 and nodes["strategy"] == "FSDP2Strategy"  # Trainer(strategy="fsdp2")
     assert nodes["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-6)
     moved = sum((w - one["initial"][n]).abs().sum() for n, w in one["weights"].items())
     apart = sum((nodes["weights"][n] - w).abs().sum() for n, w in one["weights"].items())
     assert apart <= 1e-3 * moved
+
+
+def test_fsdp2_names_model_parallel_over_every_process_without_tensor_parallelism():
+    import lightning as L
+
+    from lightning_align import FSDP2Strategy
+
+    fit = L.Trainer(accelerator="cpu", devices=2, num_nodes=2, strategy="fsdp2", logger=False)
+    assert isinstance(fit.strategy, FSDP2Strategy)
+    assert fit.strategy._tensor_parallel_size == 1 and fit.strategy._data_parallel_size == "auto"  # all, at launch
