@@ -123,6 +123,17 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "gro
     return torch.nan_to_num(centred, nan=0.0)
 
 
+def batch_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
+    """GDPO's advantages (Liu et al. 2026), for rewards summed by "normalize_then_sum": [batch].
+
+    A_i = (R_i - mean_batch R) / (std_batch R + eps) over the whole batch's scored samples (unbiased std; a sample
+    every source abstained on, NaN, gets 0). Each source was already normalised within its group
+    (`combined_rewards`), so the sum is normalised once more over the batch, not the group: TRL's
+    `multi_objective_aggregation="normalize_then_sum"` does the same, whatever its `scale_rewards`.
+    """
+    return group_advantages(rewards, rewards.shape[0], "group", eps)
+
+
 def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     """REINFORCE Leave-One-Out (Kool et al. 2019; Ahmadian et al. 2024): [batch].
 
@@ -158,7 +169,8 @@ def combined_rewards(
     "sum_then_normalize": R = sum_k w_k r_k over the sources that scored the sample;
     "normalize_then_sum": R = sum_k w_k (r_k - mean_g r_k) / (std_g r_k + eps), each source normalised over the
     sample's group g (GDPO, Liu et al. 2026: sources on different scales keep their own resolution; with a group
-    of 1, over the batch). R is NaN where every source abstained; the advantage estimator normalises R further.
+    of 1, over the batch). R is NaN where every source abstained. The advantage estimator normalises R further:
+    GRPO's over the batch (`batch_advantages`) after "normalize_then_sum", over the group after "sum_then_normalize".
     """
     if aggregation not in REWARD_AGGREGATIONS:
         raise ValueError(f"unknown reward aggregation {aggregation!r}; valid: {', '.join(REWARD_AGGREGATIONS)}")

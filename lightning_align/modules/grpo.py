@@ -11,6 +11,7 @@ import torch
 from lightning_align.losses import (
     LOSS_AGGREGATIONS,
     SCALE_REWARDS,
+    batch_advantages,
     clipped_policy_loss,
     group_advantages,
     kl_penalty,
@@ -34,7 +35,9 @@ class GRPOModule(OnlineRLModule):
         policy: the model to train (name, folder or `nn.Module`).
         rewards, reward_weights, reward_aggregation: one reward or several, weighted (see `OnlineRLModule`); a
             verifier function reads the prompt row's fields, e.g. `answer`.
-        advantage: "grpo" (group-normalised rewards, `group_advantages`), "rloo" (leave-one-out baseline,
+        advantage: "grpo" (group-normalised rewards, `group_advantages`; after reward_aggregation=
+            "normalize_then_sum", GDPO's normalisation over the batch instead, `batch_advantages`, as TRL's
+            multi_objective_aggregation), "rloo" (leave-one-out baseline,
             `rloo_advantages`) or "reinforce++" (per-token KL-shaped rewards, returns normalised over the batch,
             `reinforce_pp_advantages`).
         num_generations: samples per prompt (the group); a rollout batch is `batch_size * num_generations`.
@@ -98,6 +101,11 @@ class GRPOModule(OnlineRLModule):
             raise ValueError(f"advantage={advantage!r} compares the samples of a prompt: num_generations must be >= 2")
         if advantage != "grpo" and scale_rewards != "group":
             raise ValueError(f"scale_rewards is GRPO's setting; advantage={advantage!r} does not use it")
+        if reward_aggregation == "normalize_then_sum" and scale_rewards != "group":
+            raise ValueError(
+                f"scale_rewards={scale_rewards!r} has no effect with reward_aggregation='normalize_then_sum', whose "
+                "summed rewards are normalised over the batch (GDPO; TRL ignores scale_rewards there too); remove it"
+            )
         super().__init__(
             policy,
             rewards,
@@ -187,7 +195,9 @@ class GRPOModule(OnlineRLModule):
             else:
                 rollout["logprobs"], _ = self.response_logps(self.model, rollout)
         reward = rollout["reward"]
-        if self.advantage == "grpo":
+        if self.advantage == "grpo" and self.rewards.aggregation == "normalize_then_sum":
+            rollout["advantages"] = self.over_global_batch(batch_advantages, reward)  # GDPO, as TRL
+        elif self.advantage == "grpo":
             rollout["advantages"] = self.over_global_batch(
                 lambda r: group_advantages(r, self.num_generations, self.scale_rewards), reward
             )

@@ -69,6 +69,47 @@ def test_several_rewards_weighted_with_row_fields_and_abstentions(tiny_model, tm
     assert stats["reward/length_or_abstain"] == pytest.approx(float(torch.nanmean(each[:, 1])))
 
 
+def test_normalize_then_sum_advantages_are_gdpos_as_trl_computes_them(tiny_model, tmp_path):
+    rows = [{"prompt": f"add: {i}+1\n", "answer": str(i + 1)} for i in range(4)]
+    dm = PromptDataModule(tiny_model, write_jsonl(tmp_path / "p.jsonl", rows), batch_size=4, apply_chat_template=False)
+    dm.setup("fit")
+
+    def length(prompts, completions):
+        return [float(len(c)) for c in completions]
+
+    def vowels_or_abstain(prompts, completions):
+        return [None if i % 3 == 1 else float(sum(ch in "aeiou" for ch in c)) for i, c in enumerate(completions)]
+
+    weights, G = [1.0, 3.0], 4
+    module = GRPOModule(
+        tiny_model,
+        rewards=[length, vowels_or_abstain],
+        reward_weights=weights,
+        reward_aggregation="normalize_then_sum",
+        num_generations=G,
+        max_new_tokens=6,
+    )
+    rollout = ready(module, [], tmp_path).rollout(dm.collate(dm.train_set))
+    each = rollout["each_reward"].double().tolist()
+
+    def mean_std(values):  # unbiased, 0 under two values, as TRL's nanstd
+        mean = sum(values) / len(values)
+        return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+
+    summed = []
+    for i, row in enumerate(each):  # each source normalised within the sample's group, then weighed and summed
+        total, scored = 0.0, False
+        for k, value in enumerate(row):
+            if value != value:  # NaN: abstained
+                continue
+            mean, std = mean_std([r[k] for r in each[i // G * G : i // G * G + G] if r[k] == r[k]])
+            total, scored = total + weights[k] * (value - mean) / (std + 1e-4), True
+        summed.append(total if scored else None)
+    mean, std = mean_std([r for r in summed if r is not None])  # then normalised over the whole batch
+    expected = [0.0 if r is None else (r - mean) / (std + 1e-4) for r in summed]
+    torch.testing.assert_close(rollout["advantages"].double(), torch.tensor(expected, dtype=torch.float64))
+
+
 def test_the_chunked_output_layer_equals_the_models_own_forward_with_gradients(tiny_model, task_files, tmp_path):
     module = ready(GRPOModule(tiny_model, rewards=task_reward, num_generations=2, max_new_tokens=6), [], tmp_path)
     dm = task_prompts(tiny_model, task_files, batch_size=4)
@@ -114,6 +155,7 @@ def test_old_logprobs_and_truncated_completions(tiny_model, task_files, tmp_path
         (dict(advantage="ppo"), "unknown advantage 'ppo'"),
         (dict(num_generations=1), "num_generations must be >= 2"),
         (dict(advantage="rloo", scale_rewards="batch"), "does not use it"),
+        (dict(reward_aggregation="normalize_then_sum", scale_rewards="none"), "has no effect with"),
         (dict(loss_aggregation="bnpo"), "unknown loss_aggregation"),
         (dict(reward_weights=[1.0, 2.0]), "2 reward_weights for 1 rewards"),
     ],
