@@ -28,7 +28,15 @@ METRICS = {  # what each module's issue says it logs
     + ["train/policy/clipfrac", "train/policy/approx_kl", "train/loss/policy", "train/loss/value"]
     + ["train/response_length", "train/time/generate", "train/time/learn", "val/reward"],
     "kto": ["train/loss", "kl", "rewards/desirable", "rewards/undesirable", "val/loss", "val/rewards/margins"],
-    "orpo": ["train/loss", "rewards/chosen", "rewards/accuracies", "log_odds_ratio", "val/loss", "val/log_odds_ratio"]
+    "orpo": [
+        "train/loss",
+        "rewards/chosen",
+        "rewards/accuracies",
+        "log_odds_ratio",
+        "log_odds_chosen",
+        "val/loss",
+        "val/log_odds_ratio",
+    ]
     + ["val/rewards/accuracies"],
     "grpo": ["train/reward/mean", "train/reward/std", "train/loss", "train/entropy", "train/policy/clipfrac"]
     + ["train/groups/zero_std", "train/response_length", "train/time/generate", "train/time/learn", "val/reward"],

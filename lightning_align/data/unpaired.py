@@ -18,13 +18,14 @@ from lightning_align.data.tokenize import Truncation, encode_segments, truncate
 
 
 def mismatched_partner(examples: list[dict], i: int) -> dict:
-    """The next example after i (wrapping round) from another source row: a pair split into two examples shares
-    one prompt, so its other half would not be a mismatch."""
+    """The example before i (wrapping round), as TRL's KL rows take (completion i - 1 for prompt i), but from
+    another source row: a pair split into two examples shares one prompt, so its other half would not be a
+    mismatch (TRL would take it)."""
     for step in range(1, len(examples)):
-        other = examples[(i + step) % len(examples)]
+        other = examples[(i - step) % len(examples)]
         if other["row"] != examples[i]["row"]:
             return other
-    return examples[(i + 1) % len(examples)]
+    return examples[(i - 1) % len(examples)]
 
 
 def fix_kl_completions(examples: list[dict]) -> None:
@@ -37,9 +38,9 @@ def fix_kl_completions(examples: list[dict]) -> None:
 
 
 def unpaired_collate(examples: list[dict], pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
-    """One padded batch of 2B rows: the B examples, then B mismatched ones (prompt i with the completion of the next
-    example from another row, or its fixed `kl_completion`), whose log-ratios estimate KTO's KL reference point;
-    `desirable` [B] marks the batch as unpaired. Precomputed `ref_logps` / `ref_kl_logps` come along when every
+    """One padded batch of 2B rows: the B examples, then B mismatched ones (prompt i with the completion of the
+    previous example from another row, or its fixed `kl_completion`), whose log-ratios estimate KTO's KL reference
+    point; `desirable` [B] marks the batch as unpaired. Precomputed `ref_logps` / `ref_kl_logps` come along when every
     example has them."""
     rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
     for i, e in enumerate(examples):

@@ -186,7 +186,8 @@ class DPOModule(AlignModule):
         self.disable_dropout = disable_dropout
         self.precompute_ref_logps = (precompute_ref_logps or ref_cache_dir is not None) and not self.reference_free
         self.reference: Reference | None = None
-        self.metric_names = PREFERENCE_METRICS + (("log_odds_ratio",) if "orpo" in loss_types else ())
+        orpo = ("log_odds_ratio", "log_odds_chosen") if "orpo" in loss_types else ()
+        self.metric_names = PREFERENCE_METRICS + orpo
         self.val_metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in self.metric_names})
 
     @property
@@ -313,7 +314,9 @@ class DPOModule(AlignModule):
             elif kind == "orpo":
                 odds_losses, log_odds = orpo_loss(chosen, rejected)
                 result = (odds_losses, self.beta * chosen.detach(), self.beta * rejected.detach())
-                extra["log_odds_ratio"] = log_odds
+                # TRL's names: the mean log sigmoid of the log odds ratio, and the log odds ratio itself.
+                extra["log_odds_ratio"] = torch.nn.functional.logsigmoid(log_odds)
+                extra["log_odds_chosen"] = log_odds
             else:
                 ref_chosen, ref_rejected = (ref_sums / lengths if averaged else ref_sums).chunk(2)
                 smoothing = self.label_smoothing if kind in SMOOTHED_LOSS_TYPES else 0.0

@@ -28,7 +28,8 @@ class ORPOModule(DPOModule):
         Other arguments as `DPOModule` (`padding_free`, `scoring_check`, `ld_alpha`, `rpo_alpha`, ...) and
         `AlignModule`; the loss and reference settings are ORPO's own and refused.
 
-    Logs, besides `DPOModule`'s metrics, `log_odds_ratio` (training and validation).
+    Logs, besides `DPOModule`'s metrics, TRL's `log_odds_ratio` (mean log sigmoid of the log odds ratio) and
+    `log_odds_chosen` (mean log odds ratio of chosen over rejected), in training and validation.
     """
 
     def __init__(self, model: ModelSource, orpo_lambda: float = 0.1, **kwargs):

@@ -38,19 +38,19 @@ def test_every_row_form_gives_the_judged_answer_scored_and_its_label(tiny_model,
     ]
 
 
-def test_mismatched_rows_pair_each_prompt_with_the_next_examples_answer(tiny_model, tmp_path):
+def test_mismatched_rows_pair_each_prompt_with_the_previous_examples_answer_as_trl(tiny_model, tmp_path):
     rows = [{"prompt": f"add: {i}+1\n", "completion": str(i + 1), "label": i % 2 == 0} for i in range(3)]
     dm = module(tiny_model, tmp_path, rows)
     batch = dm.collate(dm.train_set)
     assert batch["input_ids"].shape[0] == 6 and batch["desirable"].tolist() == [True, False, True]
-    for i in range(3):
+    for i in range(3):  # TRL's KL completions: completions[-1:] + completions[:-1]
         text = dm.tokenizer.decode(batch["input_ids"][3 + i][batch["attention_mask"][3 + i].bool()])
-        assert text == f"<s>add: {i}+1\n{(i + 1) % 3 + 1}</s>"
+        assert text == f"<s>add: {i}+1\n{(i - 1) % 3 + 1}</s>"
         assert (
             scored_text(
                 dm, {"input_ids": batch["input_ids"][3 + i].tolist(), "labels": batch["labels"][3 + i].tolist()}
             )
-            == f"{(i + 1) % 3 + 1}</s>"
+            == f"{(i - 1) % 3 + 1}</s>"
         )
 
 

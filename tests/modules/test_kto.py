@@ -46,7 +46,7 @@ def test_mismatched_rows_take_a_completion_from_another_source_row(sft_model, ta
     for i, e in enumerate(examples):
         mismatched = batch["input_ids"][6 + i][batch["attention_mask"][6 + i].bool()].tolist()
         assert mismatched[: e["prompt_length"]] == e["input_ids"][: e["prompt_length"]]
-        partner = examples[(i + 2 - i % 2) % 6]  # a chosen half (even i) skips its own pair's rejected half
+        partner = examples[(i - 1 - i % 2) % 6]  # a rejected half (odd i) skips its own pair's chosen half
         assert mismatched[e["prompt_length"] :] == partner["input_ids"][partner["prompt_length"] :]
 
 

@@ -31,7 +31,11 @@ def test_the_loss_is_the_chosen_nll_plus_lambda_times_the_odds_ratio_term(tiny_m
         metrics = module.preference_step(batch)
     odds_losses, log_odds = orpo_loss(chosen, rejected)
     torch.testing.assert_close(metrics["loss"], -chosen + 0.25 * odds_losses, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(metrics["log_odds_ratio"], log_odds, rtol=1e-4, atol=1e-5)
+    # TRL's metric names: log_odds_chosen the log odds ratio, log_odds_ratio its log sigmoid.
+    torch.testing.assert_close(metrics["log_odds_chosen"], log_odds, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        metrics["log_odds_ratio"], torch.nn.functional.logsigmoid(log_odds), rtol=1e-4, atol=1e-5
+    )
     torch.testing.assert_close(metrics["rewards/chosen"], 0.25 * chosen, rtol=1e-4, atol=1e-5)
 
 
@@ -54,10 +58,10 @@ def test_orpo_raises_heldout_preference_accuracy(adapter, tiny_model, sft_model,
     dm = preference_data(start, task_files)
     fit = trainer(tmp_path, max_steps=100, limit_val_batches=8, callbacks=callbacks)
     fit.validate(module, datamodule=dm, verbose=False)
-    before = {name: fit.callback_metrics[f"val/{name}"].item() for name in ("rewards/accuracies", "log_odds_ratio")}
+    before = {name: fit.callback_metrics[f"val/{name}"].item() for name in ("rewards/accuracies", "log_odds_chosen")}
     fit.fit(module, datamodule=dm)
     fit.validate(module, datamodule=dm, verbose=False)
-    after = {name: fit.callback_metrics[f"val/{name}"].item() for name in ("rewards/accuracies", "log_odds_ratio")}
-    report_gain(before["rewards/accuracies"], after["rewards/accuracies"], f"log odds {after['log_odds_ratio']:.3f}")
+    after = {name: fit.callback_metrics[f"val/{name}"].item() for name in ("rewards/accuracies", "log_odds_chosen")}
+    report_gain(before["rewards/accuracies"], after["rewards/accuracies"], f"log odds {after['log_odds_chosen']:.3f}")
     assert after["rewards/accuracies"] > before["rewards/accuracies"] + 0.08
-    assert after["log_odds_ratio"] > before["log_odds_ratio"] + 0.5
+    assert after["log_odds_chosen"] > before["log_odds_chosen"] + 0.5
