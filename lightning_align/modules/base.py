@@ -162,8 +162,7 @@ class AlignModule(L.LightningModule):
     def shard_model(self) -> None:
         """FSDP2 over the strategy's data-parallel mesh: the policy, and a frozen reference copy alike."""
         precomputed = getattr(self, "precompute_ref_logps", False)
-        quantized = getattr(getattr(unwrapped(self.model), "config", None), "quantization_config", None) is not None
-        check_mesh(type(self).__name__, self.device_mesh, self.shards_proven, precomputed, quantized)
+        check_mesh(type(self).__name__, self.device_mesh, self.shards_proven, precomputed)
         for network in self.networks_to_shard():
             shard(network, self.device_mesh["data_parallel"])
 

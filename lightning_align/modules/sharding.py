@@ -28,12 +28,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def check_mesh(module_name: str, mesh, proven: bool, precomputed: bool = False, quantized: bool = False) -> None:
+def check_mesh(module_name: str, mesh, proven: bool, precomputed: bool = False) -> None:
     """Refuse what would run unsynchronised or unproven: tensor parallelism, a method not yet proven equal to one
-    process when sharded, precomputed reference
-    log-probs (each process would score a different number of batches through the sharded reference), or
-    quantised weights (QLoRA: FSDP2 shards bitsandbytes' packed 4-bit weights as plain tensors, and a 2-process
-    run's first loss already differs from one process's)."""
+    process when sharded, or precomputed reference log-probs (each process would score a different number of
+    batches through the sharded reference)."""
     tensor_parallel = mesh["tensor_parallel"].size() if "tensor_parallel" in (mesh.mesh_dim_names or ()) else 1
     if tensor_parallel > 1:
         raise ValueError(
@@ -53,12 +51,6 @@ def check_mesh(module_name: str, mesh, proven: bool, precomputed: bool = False, 
             "precompute_ref_logps under ModelParallelStrategy is not supported yet (each process would score a "
             "different number of batches through the sharded reference); use strategy='ddp' or a live reference"
         )
-    if quantized:
-        raise ValueError(
-            "quantised weights (QLoRA, bitsandbytes) under ModelParallelStrategy are not supported: sharding them is "
-            "not equal to one process. Shard LoRA on bf16 weights instead (LoRA with precision='bf16-true' or "
-            "torch_dtype='bfloat16'), or run QLoRA with strategy='ddp'"
-        )
 
 
 def shard(model: nn.Module, mesh) -> None:
@@ -75,10 +67,13 @@ def shard(model: nn.Module, mesh) -> None:
             f"{type(unwrapped(model)).__name__} names no decoder layer class (`_no_split_modules`), so it cannot be "
             "sharded per layer; use strategy='ddp'"
         )
+    # bitsandbytes' 4-bit weights (QLoRA) stay whole on every process: FSDP2 would shard their packed bytes as
+    # plain tensors, apart from their quantisation state. Frozen, they need no gradient synchronisation.
+    quantised = {p for p in model.parameters() if type(p).__name__ == "Params4bit"}
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh, ignored_params={p for p in layer.parameters() if p in quantised} or None)
     frozen = not any(p.requires_grad for p in model.parameters())
-    fully_shard(model, mesh=mesh, reshard_after_forward=True if frozen else None)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True if frozen else None, ignored_params=quantised or None)
 
 
 @contextmanager

@@ -95,6 +95,9 @@ def plan_run(spec: RunSpec) -> Plan:
             parts[part] //= spec.devices
     if divide:
         notes.append(f"{spec.strategy}: {', '.join(divide)} divided over {spec.devices} devices")
+    if "params" in divide and spec.strategy == "fsdp" and measured["quantised"]:  # 4-bit weights stay whole
+        parts["weights"] += measured["nf4"] - measured["nf4"] // spec.devices
+        notes.append("fsdp: QLoRA's 4-bit weights are whole on every process (the rest is sharded)")
     if spec.strategy.startswith("ddp") and spec.devices > 1:
         parts["DDP gradient buckets"] = int(peak["grads"] * DDP_BUCKET_COPY)
     sharded = spec.strategy == "fsdp" and spec.devices > 1

@@ -41,7 +41,19 @@ from lightning_align.modules.sharding import full_state_dict, is_sharded
 # A frozen reference copy and AdamW states; sampling that must continue where it was; a checkpoint without the
 # frozen base (LoRA's, which also writes the adapter beside it from every process's shards).
 RESUMED = ["dpo", "grpo", "sft-lora"]
-CASES = ["sft", "sft-lora", "reward", "reward-lora", "dpo", "dpo-ipo-lora", "orpo", "orpo-lora", "kto", "kto-lora"]
+CASES = [
+    "sft",
+    "sft-lora",
+    "sft-qlora",
+    "reward",
+    "reward-lora",
+    "dpo",
+    "dpo-ipo-lora",
+    "orpo",
+    "orpo-lora",
+    "kto",
+    "kto-lora",
+]
 CASES += ["ppo", "ppo-lora", "ppo-reward-model", "grpo", "grpo-lora"]
 REWARD_MODEL = "reward-model"  # a folder under OUT_DIR, made by the test before the runs (a sequence classifier)
 
@@ -178,7 +190,8 @@ def main(out: Path, devices: int) -> None:
     for name in CASES:
         L.seed_everything(0)
         run = out / name / str(devices)
-        callbacks = [LoRA(r=4, save_dir=str(run / "adapter"))] if name.endswith("lora") else []
+        adapter = QLoRA if name.endswith("qlora") else LoRA  # QLoRA: its 4-bit weights whole on every process
+        callbacks = [adapter(r=4, save_dir=str(run / "adapter"))] if name.endswith("lora") else []
         callbacks.append(ExportPretrained(str(run / "export"), merge_adapter=False))
         if name == "sft-lora":  # the adapter merged into a whole copy of the gathered weights, too
             callbacks.append(ExportPretrained(str(run / "merged"), merge_adapter=True))
@@ -218,7 +231,6 @@ def main(out: Path, devices: int) -> None:
     refused = {}
     attempts = {
         "unproven": lambda: (Unproven(DEMO_MODEL), sft_data(devices), {}),
-        "qlora": lambda: (SFTModule(DEMO_MODEL), sft_data(devices), {"callbacks": [QLoRA(r=4)]}),
         "dpo_precomputed": lambda: (DPOModule(DEMO_MODEL, precompute_ref_logps=True), preference_data(devices), {}),
         # Lightning's defaults: every process on the tensor-parallel axis
         "tensor_parallel": lambda: (
