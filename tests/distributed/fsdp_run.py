@@ -45,6 +45,7 @@ CASES = [
     "sft",
     "sft-lora",
     "sft-qlora",
+    "sft-bf16-mixed",
     "reward",
     "reward-lora",
     "dpo",
@@ -80,7 +81,9 @@ class Unproven(SFTModule):
     shards_proven = False
 
 
-def trainer(devices: int, run: Path, callbacks=(), max_steps: int = 3, num_nodes: int = 1, **parallel) -> L.Trainer:
+def trainer(
+    devices: int, run: Path, callbacks=(), max_steps: int = 3, num_nodes: int = 1, precision="32-true", **parallel
+) -> L.Trainer:
     parallel = parallel or {"data_parallel_size": devices * num_nodes, "tensor_parallel_size": 1}
     strategy = ModelParallelStrategy(**parallel) if devices * num_nodes > 1 else "auto"
     if num_nodes > 1:  # our short name: every process on the data-parallel axis, found by itself
@@ -90,6 +93,7 @@ def trainer(devices: int, run: Path, callbacks=(), max_steps: int = 3, num_nodes
         devices=devices,
         num_nodes=num_nodes,
         strategy=strategy,
+        precision=precision,
         max_steps=max_steps,
         limit_val_batches=2,
         val_check_interval=3,
@@ -197,7 +201,7 @@ def main(out: Path, devices: int) -> None:
             callbacks.append(ExportPretrained(str(run / "merged"), merge_adapter=True))
         losses = LoggedLosses()
         callbacks.append(losses)
-        fit = trainer(devices, run, callbacks)
+        fit = trainer(devices, run, callbacks, precision="bf16-mixed" if name.endswith("bf16-mixed") else "32-true")
         module, data, metric = case(name, devices, out)
         fit.fit(module, datamodule=data)
         sharded = is_sharded(module.model)
@@ -214,6 +218,7 @@ def main(out: Path, devices: int) -> None:
                     "initial": losses.initial,
                     "sharded": sharded,
                     "world_size": fit.world_size,
+                    "precision": type(fit.precision_plugin).__name__ + " " + str(fit.precision),
                     "gathers": gathers,
                     # how each network was scored, and whether the first batch checked it (agreed by all processes)
                     "plans": [(plan.packing, plan.output_layer) for plan in module.scoring.plans.values()],

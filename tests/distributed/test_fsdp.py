@@ -43,6 +43,7 @@ CASES = [
     "sft",
     "sft-lora",
     "sft-qlora",
+    "sft-bf16-mixed",
     "reward",
     "reward-lora",
     "dpo",
@@ -79,14 +80,19 @@ def test_two_sharded_processes_train_like_one_with_the_same_global_batch(runs, c
     weights = {n: w for n, w in one["weights"].items() if w.is_floating_point()}
     moved = sum((w - start[n]).abs().sum() for n, w in weights.items())
     apart = sum((two["weights"][n] - w).abs().sum() for n, w in weights.items())
-    assert moved > 0 and apart <= 1e-3 * moved
+    # bf16 autocast rounds every product to 8 significant bits, and a 4-row product rounds apart from an 8-row one:
+    # ten times the float32 tolerances, still far below unsynchronised replicas.
+    loose = 10 if case.endswith("bf16-mixed") else 1
+    assert two["precision"] == one["precision"] == ("MixedPrecision bf16-mixed" if loose > 1 else "Precision 32-true")
+    assert moved > 0 and apart <= 1e-3 * loose * moved
     for name, weight in weights.items():
-        assert (two["weights"][name] - weight).abs().max() <= 0.25 * (weight - start[name]).abs().max() + 1e-7, name
-    assert two["val"] == pytest.approx(one["val"], rel=1e-5)  # reduced over both processes' halves
+        bound = 0.25 * loose * (weight - start[name]).abs().max() + 1e-7
+        assert (two["weights"][name] - weight).abs().max() <= bound, name
+    assert two["val"] == pytest.approx(one["val"], rel=1e-5 * loose**2)  # reduced over both processes' halves
     # Every step logs the global batch's loss, as one process with the whole batch does.
     assert len(two["losses"]) == 3
     for step_two, step_one in zip(logged(two), logged(one), strict=True):
-        assert step_two == pytest.approx(step_one, rel=1e-4, abs=1e-6)
+        assert step_two == pytest.approx(step_one, rel=1e-4 * loose**2, abs=1e-6)
 
 
 def test_the_sharded_export_is_one_hugging_face_folder_with_the_whole_weights(runs):
