@@ -26,6 +26,8 @@ def sharded_moment(spec: RunSpec, config, parts: dict, trainable: int, generatio
     """Set `parts`' gradients, activations and the part held whole to those of the largest moment above."""
     dtype = weight_dtype(dataclasses.replace(spec, adapter=None))
     root, layer = sharding_unit_bytes(config, dtype, scorer=spec.method == "reward")
+    if spec.adapter == "qlora":  # a layer's 4-bit weights are whole already (in the weights); it gathers its norms
+        layer = 0
     layers = text_config(config).num_hidden_layers
     online = spec.method in ("ppo", "grpo")
     activations_key = next(k for k in parts if k.startswith("activations"))
