@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.distributed import run_on_two_and_one
+from tests.distributed.fsdp_run import CASES  # the runs the script makes, each compared below
 
 SCRIPT = Path(__file__).with_name("fsdp_run.py")
 
@@ -39,21 +40,6 @@ def save_reward_model(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-CASES = [
-    "sft",
-    "sft-lora",
-    "sft-qlora",
-    "sft-bf16-mixed",
-    "reward",
-    "reward-lora",
-    "dpo",
-    "dpo-ipo-lora",
-    "orpo",
-    "orpo-lora",
-    "kto",
-    "kto-lora",
-]
-CASES += ["ppo", "ppo-lora", "ppo-reward-model", "grpo", "grpo-lora"]
 # What each step of the online methods logs, over the global batch (one process's whole batch): the losses, and the
 # rollout's statistics, which differ unless both runs sample the same tokens.
 ONLINE = ["loss", "loss/policy", "loss/value", "reward/mean", "response_length", "kl", "entropy", "policy/clipfrac"]
