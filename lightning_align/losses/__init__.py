@@ -5,7 +5,9 @@ SimPO), `kto`, `online` (PPO, GRPO, RLOO, REINFORCE++). Import them from here.
 
 from lightning_align.losses.kto import kto_kl, kto_loss
 from lightning_align.losses.online import (
+    IMPORTANCE_SAMPLING_LEVELS,
     LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
     REWARD_AGGREGATIONS,
     SCALE_REWARDS,
     batch_advantages,
@@ -13,6 +15,7 @@ from lightning_align.losses.online import (
     combined_rewards,
     gae,
     group_advantages,
+    importance_log_ratio,
     kl_penalty,
     masked_mean,
     ppo_policy_loss,
@@ -23,10 +26,13 @@ from lightning_align.losses.online import (
 )
 from lightning_align.losses.preference import (
     DPO_LOSS_TYPES,
+    F_DIVERGENCE_LOSS_TYPES,
+    F_DIVERGENCES,
     LENGTH_AVERAGED_LOSS_TYPES,
     SMOOTHED_LOSS_TYPES,
     check_label_smoothing,
     dpo_loss,
+    f_divergence_scores,
     length_desensitised_logps,
     orpo_loss,
     pairwise_reward_loss,
@@ -47,8 +53,12 @@ from lightning_align.losses.tokens import (
 
 __all__ = [
     "DPO_LOSS_TYPES",
+    "F_DIVERGENCE_LOSS_TYPES",
+    "F_DIVERGENCES",
+    "IMPORTANCE_SAMPLING_LEVELS",
     "LENGTH_AVERAGED_LOSS_TYPES",
     "LOSS_AGGREGATIONS",
+    "POLICY_LOSSES",
     "REWARD_AGGREGATIONS",
     "SCALE_REWARDS",
     "SMOOTHED_LOSS_TYPES",
@@ -58,7 +68,9 @@ __all__ = [
     "combined_rewards",
     "dpo_loss",
     "gae",
+    "f_divergence_scores",
     "group_advantages",
+    "importance_log_ratio",
     "kl_penalty",
     "kto_kl",
     "kto_loss",

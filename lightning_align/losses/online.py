@@ -91,7 +91,9 @@ def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Te
 # means every reward source abstained on that sample: it is left out of means and deviations and gets advantage 0.
 
 SCALE_REWARDS = ("group", "batch", "none")
-LOSS_AGGREGATIONS = ("grpo", "dr_grpo", "dapo")
+LOSS_AGGREGATIONS = ("grpo", "dr_grpo", "dapo", "bnpo")
+POLICY_LOSSES = ("clip", "cispo", "sapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_sum")
 REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
@@ -183,6 +185,24 @@ def combined_rewards(
     return torch.where(rewards.isnan().all(1), torch.nan, total)
 
 
+def importance_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, level: str = "token") -> Tensor:
+    """log rho, the importance ratio's logarithm: [batch, response] ("token") or [batch, 1].
+
+    "token":        log pi(o_t) - log pi_old(o_t), per token (PPO, GRPO);
+    "sequence":     (1/|o|) sum_t (log pi(o_t) - log pi_old(o_t)), the length-normalised sequence ratio of GSPO
+                    (Zheng et al. 2025, eq. 7; TRL's `importance_sampling_level="sequence"`);
+    "sequence_sum": sum_t (log pi(o_t) - log pi_old(o_t)), the ratio of whole-sequence probabilities (what TRL's
+                    RLOOTrainer clips).
+    """
+    if level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"unknown importance_sampling_level {level!r}; valid: {', '.join(IMPORTANCE_SAMPLING_LEVELS)}")
+    log_ratio = logprobs - old_logprobs
+    if level == "token":
+        return log_ratio
+    total = (log_ratio * mask).sum(-1, keepdim=True)
+    return total / mask.sum(-1, keepdim=True).clamp(min=1) if level == "sequence" else total
+
+
 def clipped_policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -195,35 +215,57 @@ def clipped_policy_loss(
     beta: float = 0.0,
     max_completion_length: int | None = None,
     num_tokens: Tensor | float | None = None,
+    importance_sampling_level: str = "token",
+    policy_loss: str = "clip",
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05),
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The clipped surrogate of GRPO, Dr. GRPO, DAPO, RLOO and REINFORCE++ with the loss aggregation of each.
+    """The policy loss of GRPO, Dr. GRPO, DAPO, GSPO, CISPO, SAPO, RLOO and REINFORCE++ with the loss aggregation
+    of each.
 
-    Per token: rho = exp(log pi - log pi_old), l_t = -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A)
-    + beta k3_t with k3_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 (DeepSeekMath eq. 4); A is
-    [batch] (one advantage per sample) or [batch, response]; eps_high defaults to eps (DAPO's clip-higher sets it
-    larger). Aggregation over the masked tokens:
+    Per token, with rho = exp(log ratio) (`importance_log_ratio` at `importance_sampling_level`):
+      "clip":  l_t = -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A)  (PPO's surrogate as GRPO uses it, Shao et al.
+               2024; eps_high defaults to eps, DAPO's clip-higher sets it larger);
+      "cispo": l_t = -sg(min(rho, eps_high)) A log pi(o_t)  (CISPO, MiniMax-M1 2025: the clipped ratio weighs a
+               REINFORCE term, so no token's gradient is dropped; eps_high is the ratio's cap, e.g. 5, as TRL's);
+      "sapo":  l_t = -(4 / tau) sigmoid(tau (rho - 1)) A, tau = tau_pos for A > 0 else tau_neg (SAPO, Gao et al.
+               2025: a soft gate instead of the hard clip; `sapo_temperatures` = (tau_pos, tau_neg));
+    plus beta k3_t with k3_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 (DeepSeekMath eq. 4). A is
+    [batch] (one advantage per sample) or [batch, response]. Aggregation over the masked tokens:
       "grpo":    mean_i (sum_t l_it / |o_i|)                    (per-sequence mean; Shao et al. 2024)
       "dr_grpo": sum_it l_it / (batch * max_completion_length) (a constant normaliser; Liu et al. 2025)
       "dapo":    sum_it l_it / num_tokens                        (token-level; Yu et al. 2025), num_tokens defaults to
                  this batch's token count; pass the generation batch's, divided by its mini-batches, to weigh
                  every token of it equally across mini-batches.
+      "bnpo":    sum_it l_it / (this micro-batch's token count) (TRL's "bnpo": "dapo" without `num_tokens`)
     Returns the loss and detached statistics: clipfrac (share of tokens clipped), approx_kl, and kl (mean k3,
     with a reference).
     """
     if aggregation not in LOSS_AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {aggregation!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
+    if policy_loss not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy_loss {policy_loss!r}; valid: {', '.join(POLICY_LOSSES)}")
     mask = mask.to(logprobs.dtype)
     if advantages.dim() == 1:
         advantages = advantages[:, None]
-    log_ratio = logprobs - old_logprobs
+    log_ratio = importance_log_ratio(logprobs, old_logprobs, mask, importance_sampling_level)
     ratio = torch.exp(log_ratio)
     high = epsilon if epsilon_high is None else epsilon_high
-    unclipped, clipped = ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + high) * advantages
-    per_token = -torch.minimum(unclipped, clipped)
+    if policy_loss == "clip":
+        unclipped, clipped = ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + high) * advantages
+        per_token = -torch.minimum(unclipped, clipped)
+        clipped_share = (clipped < unclipped).to(logprobs.dtype).expand_as(mask)
+    elif policy_loss == "cispo":
+        per_token = -torch.clamp(ratio, max=high).detach() * advantages * logprobs
+        clipped_share = (ratio > high).to(logprobs.dtype).expand_as(mask)
+    else:
+        tau = torch.where(advantages > 0, sapo_temperatures[0], sapo_temperatures[1]).to(ratio.dtype)
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages
+        clipped_share = torch.zeros_like(mask)
     stats = {
-        "clipfrac": masked_mean((clipped < unclipped).to(logprobs.dtype), mask).detach(),
-        "approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask),
+        "clipfrac": masked_mean(clipped_share, mask).detach(),
+        "approx_kl": masked_mean(0.5 * (logprobs - old_logprobs).detach() ** 2, mask),
     }
+    per_token = per_token.expand_as(mask)
     if ref_logprobs is not None and beta != 0:
         kl = kl_penalty(logprobs, ref_logprobs, "k3")
         per_token = per_token + beta * kl
@@ -233,6 +275,8 @@ def clipped_policy_loss(
         loss = (summed.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     elif aggregation == "dr_grpo":
         loss = summed.sum() / (mask.shape[0] * (max_completion_length or mask.shape[1]))
+    elif aggregation == "bnpo":
+        loss = summed.sum() / mask.sum().clamp(min=1)
     else:
         loss = summed.sum() / (mask.sum() if num_tokens is None else torch.as_tensor(num_tokens)).clamp(min=1)
     return loss, stats

@@ -39,6 +39,9 @@ DPO_LOSS_TYPES = (
     "discopop",
     "sigmoid_norm",
 )
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# The losses written on the score difference h, where f-DPO's scores can replace the log-ratios.
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "hinge", "robust", "exo_pair", "discopop")
 # Where label smoothing has a meaning (for "exo_pair" it is required: the target distribution's epsilon).
 SMOOTHED_LOSS_TYPES = ("sigmoid", "robust", "simpo", "exo_pair", "aot", "aot_unpaired")
 # Losses defined on length-averaged log-probabilities (policy and reference).
@@ -59,6 +62,27 @@ def check_label_smoothing(loss_type: str, label_smoothing: float) -> None:
         )
 
 
+def f_divergence_scores(log_ratio: Tensor, kind: str = "reverse_kl", alpha: float = 0.5) -> Tensor:
+    """f-DPO's score f'(u) of a response, u = pi(y|x) / pi_ref(y|x) (Wang et al. 2023, "Beyond Reverse KL", Table 1;
+    `log_ratio` = log u, [batch]). Constants that cancel in the chosen-minus-rejected difference are TRL's:
+      "reverse_kl":       log u (DPO itself);
+      "forward_kl":       1 - 1/u;
+      "js_divergence":    log(2u / (1 + u)) = log 2 + log sigmoid(log u);
+      "alpha_divergence": (u^(alpha - 1) - 1) / (alpha - 1), alpha = TRL's `f_alpha_divergence_coef` (the paper's
+                          alpha is 1 - this one); alpha = 1 is reverse KL. The exponent is capped at 80 (float32).
+    """
+    if kind not in F_DIVERGENCES:
+        raise ValueError(f"unknown f_divergence_type {kind!r}; valid: {', '.join(F_DIVERGENCES)}")
+    if kind == "forward_kl":
+        return 1 - torch.exp(-log_ratio)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(log_ratio)
+    if kind == "alpha_divergence" and abs(alpha - 1.0) >= 1e-6:
+        exponent = torch.clamp(((alpha - 1.0) * log_ratio).float(), max=80.0)
+        return (torch.exp(exponent) - 1.0).to(log_ratio.dtype) / (alpha - 1.0)
+    return log_ratio
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -69,6 +93,8 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     bco_delta: Tensor | float = 0.0,
     discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Direct preference losses on the log-ratios, per example: (losses, chosen_rewards, rejected_rewards).
 
@@ -100,6 +126,8 @@ def dpo_loss(
       "discopop":  (1 - m) (-log sigmoid(beta h)) + m exp(-beta h), m = sigmoid(beta h / tau)
                    (DiscoPOP's log-ratio modulated loss, Chris Lu et al. 2024, eq. 5; tau = `discopop_tau`)
       "sigmoid_norm": -log sigmoid(beta h) on length-averaged log-probs (the module passes averages)
+    With `f_divergence_type` other than "reverse_kl" (f-DPO, Wang et al. 2023), h = f'(u+) - f'(u-) instead
+    (`f_divergence_scores`), for the losses written on h (`F_DIVERGENCE_LOSS_TYPES`); refused for the others.
     Rewards are the implicit rewards beta a+ and beta a-, detached. Label smoothing is refused where it has no
     meaning (`SMOOTHED_LOSS_TYPES`).
     """
@@ -109,6 +137,15 @@ def dpo_loss(
     chosen_ratio = policy_chosen_logps - ref_chosen_logps
     rejected_ratio = policy_rejected_logps - ref_rejected_logps
     h = chosen_ratio - rejected_ratio
+    if f_divergence_type != "reverse_kl":
+        if loss_type not in F_DIVERGENCE_LOSS_TYPES:
+            raise ValueError(
+                f"f_divergence_type={f_divergence_type!r} applies to {', '.join(F_DIVERGENCE_LOSS_TYPES)}, not "
+                f"loss_type={loss_type!r}"
+            )
+        h = f_divergence_scores(chosen_ratio, f_divergence_type, f_alpha_divergence_coef) - f_divergence_scores(
+            rejected_ratio, f_divergence_type, f_alpha_divergence_coef
+        )
     eps = label_smoothing
     if loss_type in ("sigmoid", "sigmoid_norm"):
         losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)

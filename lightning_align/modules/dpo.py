@@ -8,18 +8,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lightning_align.losses import (
-    DPO_LOSS_TYPES,
-    LENGTH_AVERAGED_LOSS_TYPES,
-    SMOOTHED_LOSS_TYPES,
-    check_label_smoothing,
-    dpo_loss,
-    length_desensitised_logps,
-    orpo_loss,
-    simpo_loss,
-    wpo_weights,
-)
+from lightning_align.losses import length_desensitised_logps, wpo_weights
 from lightning_align.modules.base import AlignModule, ModelSource
+from lightning_align.modules.preference_objective import PreferenceObjective
 from lightning_align.modules.ref_cache import (
     RefLogpsCache,
     examples_fingerprint,
@@ -50,41 +41,6 @@ def chosen_rejected_logps(
     return response_logps(model, batch, average, plan).chunk(2)
 
 
-REFERENCE_FREE_TYPES = ("simpo", "sft", "orpo")
-DEFAULTS = {"ipo_normalize": True, "simpo_gamma": 0.5, "discopop_tau": 0.05}
-USED_BY = {"ipo_normalize": "ipo", "simpo_gamma": "simpo", "discopop_tau": "discopop"}
-
-
-def check_loss_settings(
-    loss_types: list[str], loss_weights, label_smoothing, ipo_normalize, simpo_gamma, discopop_tau, ld_alpha
-) -> None:
-    """Refuse unknown loss types, mismatched weights, and settings that none of the chosen losses uses."""
-    valid = DPO_LOSS_TYPES + ("simpo", "orpo", "sft")
-    unknown = [kind for kind in loss_types if kind not in valid]
-    if unknown or not loss_types:
-        raise ValueError(f"unknown loss_type {unknown[0] if unknown else loss_types!r}; valid: {', '.join(valid)}")
-    if len(set(loss_types)) != len(loss_types):
-        raise ValueError(f"loss_type lists a type twice: {loss_types}; weigh it with loss_weights instead")
-    if loss_types == ["sft"]:
-        raise ValueError('loss_type "sft" alone is supervised fine-tuning: use SFTModule, or add a preference loss')
-    if loss_weights is not None and len(loss_weights) != len(loss_types):
-        raise ValueError(f"{len(loss_weights)} loss_weights for {len(loss_types)} loss types; give one per type")
-    if label_smoothing and not any(kind in SMOOTHED_LOSS_TYPES for kind in loss_types):
-        raise ValueError(
-            f"label_smoothing is not defined for loss_type={' + '.join(map(repr, loss_types))}; it applies to "
-            f"{', '.join(SMOOTHED_LOSS_TYPES)}"
-        )
-    for kind in loss_types:
-        if kind in SMOOTHED_LOSS_TYPES or kind == "exo_pair":
-            check_label_smoothing(kind, label_smoothing)
-    given = {"ipo_normalize": ipo_normalize, "simpo_gamma": simpo_gamma, "discopop_tau": discopop_tau}
-    for name, value in given.items():
-        if value != DEFAULTS[name] and USED_BY[name] not in loss_types:
-            raise ValueError(f"{name} is a setting of loss_type {USED_BY[name]!r}, which is not among {loss_types}")
-    if ld_alpha is not None and not 0 <= ld_alpha <= 1:
-        raise ValueError(f"ld_alpha must be in [0, 1] (1 is plain DPO), got {ld_alpha}")
-
-
 class DPOModule(AlignModule):
     """Preference optimisation of a causal LM on `PreferenceDataModule` batches.
 
@@ -94,12 +50,21 @@ class DPOModule(AlignModule):
             "sft"]): "sigmoid" (DPO), "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
             "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm" (formulas and papers in
             `losses.dpo_loss`), "simpo" (reference-free, `losses.simpo_loss`), "orpo" (reference-free odds
-            ratio, `losses.orpo_loss`; `ORPOModule` pairs it with "sft") and "sft" (the chosen responses' mean
-            negative log-likelihood per token, averaged over pairs). The logged rewards are the first
-            type's.
+            ratio, `losses.orpo_loss`; `ORPOModule` pairs it with "sft") and "sft" (the chosen responses' negative
+            log-likelihood, see `nll_average`). The logged rewards are the first preference type's, as TRL logs
+            them: beta times the summed log-ratios (also for "ipo" and "sigmoid_norm", whose loss averages them).
         loss_weights: one weight per loss type (default 1 each).
-        label_smoothing: assumed share of flipped labels, for "sigmoid" (cDPO), "robust", "aot", "aot_unpaired"
-            and "simpo"; EXO's target epsilon for "exo_pair" (required there); refused where no type uses it.
+        label_smoothing: assumed share of flipped labels, for "sigmoid" (cDPO, Mitchell 2023; TRL 1.16 ignores it
+            for "sigmoid": leave it 0 for TRL's numbers), "robust", "aot", "aot_unpaired" and "simpo"; EXO's target
+            epsilon for "exo_pair" (required there); refused where no type uses it.
+        f_divergence_type: f-DPO's divergence (Wang et al. 2023): "reverse_kl" (DPO), "forward_kl",
+            "js_divergence" or "alpha_divergence" (`losses.f_divergence_scores`), for "sigmoid", "hinge",
+            "robust", "exo_pair" and "discopop"; f_alpha_divergence_coef: alpha of "alpha_divergence", as TRL's.
+        nll_average: how the "sft" term and `rpo_alpha` average the chosen responses' NLL: "tokens" (default: the
+            token mean over the batch's chosen tokens, as SFTModule and TRL) or "responses" (each response's
+            token mean, then the mean over pairs, as the RPO paper: every pair weighs the same).
+        bco_running_mean: for "bco_pair", shift the implicit rewards by their running mean (delta, BCO's paper);
+            False uses delta = 0, as TRL.
         ipo_normalize: for "ipo", use length-averaged log-probs (policy and reference) as its authors recommend
             and TRL does; False uses sums.
         simpo_gamma: SimPO's target reward margin (refused unless "simpo" is a loss type).
@@ -112,9 +77,8 @@ class DPOModule(AlignModule):
             distribution, so it costs one more forward pass without gradients, through the full output layer.
         rpo_alpha: weight of an extra negative log-likelihood term on the chosen responses, as in RPO (Pang et al.
             2024, "Iterative Reasoning Preference Optimization"); it keeps the chosen responses' likelihood from
-            falling while the margin grows. 0 is plain DPO. The NLL is each chosen response's mean over its
-            tokens, then averaged over rows (every pair weighs the same); TRL averages over all the batch's chosen
-            tokens, so long responses weigh more there.
+            falling while the margin grows. 0 is plain DPO; averaged as `nll_average` says (TRL 1.16 has no
+            rpo_alpha: its loss_type=["sigmoid", "sft"] with loss_weights=[1, alpha] is the same).
         ref_model: a model name or folder to use as the reference instead of the starting policy.
         precompute_ref_logps: score the training and validation data with the reference once before training,
             then release the reference network.
@@ -149,6 +113,10 @@ class DPOModule(AlignModule):
         ipo_normalize: bool = True,
         simpo_gamma: float = 0.5,
         discopop_tau: float = 0.05,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        nll_average: str = "tokens",
+        bco_running_mean: bool = True,
         ld_alpha: float | None = None,
         use_weighting: bool = False,
         rpo_alpha: float = 0.0,
@@ -161,19 +129,25 @@ class DPOModule(AlignModule):
         **kwargs,
     ):
         loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-        check_loss_settings(
-            loss_types, loss_weights, label_smoothing, ipo_normalize, simpo_gamma, discopop_tau, ld_alpha
+        objective = PreferenceObjective(
+            beta,
+            tuple(loss_types),
+            None if loss_weights is None else tuple(loss_weights),
+            label_smoothing,
+            ipo_normalize,
+            simpo_gamma,
+            discopop_tau,
+            f_divergence_type,
+            f_alpha_divergence_coef,
+            nll_average,
+            bco_running_mean,
         )
-        if beta <= 0:
-            raise ValueError(f"beta must be positive, got {beta}: it scales the implicit reward (DPO uses about 0.1)")
+        if ld_alpha is not None and not 0 <= ld_alpha <= 1:
+            raise ValueError(f"ld_alpha must be in [0, 1] (1 is plain DPO), got {ld_alpha}")
         super().__init__(model, **kwargs)
+        self.objective = objective
         self.beta = beta
         self.loss_types = loss_types
-        self.loss_weights = list(loss_weights) if loss_weights is not None else [1.0] * len(loss_types)
-        self.label_smoothing = label_smoothing
-        self.ipo_normalize = ipo_normalize
-        self.simpo_gamma = simpo_gamma
-        self.discopop_tau = discopop_tau
         self.ld_alpha = ld_alpha
         self.use_weighting = use_weighting
         # BCO's reward shift: the running mean of the implicit rewards seen in training (checkpointed).
@@ -192,7 +166,7 @@ class DPOModule(AlignModule):
 
     @property
     def reference_free(self) -> bool:
-        return all(kind in REFERENCE_FREE_TYPES for kind in self.loss_types)
+        return self.objective.reference_free
 
     @property
     def uses_reference(self) -> bool:
@@ -301,61 +275,21 @@ class DPOModule(AlignModule):
         ref_sums = None if self.reference_free else torch.cat(self.reference_logps(batch))
         sums = self.sequence_logps(self.model, batch)
         lengths = (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
-        means = sums / lengths
-        losses, shown, extra = 0.0, None, {}
-        for kind, weight in zip(self.loss_types, self.loss_weights):
-            averaged = kind in LENGTH_AVERAGED_LOSS_TYPES or (kind == "ipo" and self.ipo_normalize)
-            chosen, rejected = (means if averaged else sums).chunk(2)
-            if kind == "sft":
-                losses = losses - weight * means.chunk(2)[0]  # the chosen responses' NLL per token
-                continue
-            if kind == "simpo":
-                result = simpo_loss(chosen, rejected, self.beta, self.simpo_gamma, self.label_smoothing)
-            elif kind == "orpo":
-                odds_losses, log_odds = orpo_loss(chosen, rejected)
-                result = (odds_losses, self.beta * chosen.detach(), self.beta * rejected.detach())
-                # TRL's names: the mean log sigmoid of the log odds ratio, and the log odds ratio itself.
-                extra["log_odds_ratio"] = torch.nn.functional.logsigmoid(log_odds)
-                extra["log_odds_chosen"] = log_odds
-            else:
-                ref_chosen, ref_rejected = (ref_sums / lengths if averaged else ref_sums).chunk(2)
-                smoothing = self.label_smoothing if kind in SMOOTHED_LOSS_TYPES else 0.0
-                result = dpo_loss(
-                    chosen,
-                    rejected,
-                    ref_chosen,
-                    ref_rejected,
-                    self.beta,
-                    kind,
-                    smoothing,
-                    bco_delta=self.bco_delta,
-                    discopop_tau=self.discopop_tau,
-                )
-            losses = losses + weight * result[0]
-            if shown is None:
-                shown = (chosen.detach(), rejected.detach(), result[1], result[2])
+        metrics = self.objective(sums, lengths, ref_sums, self.bco_delta)
         if self.use_weighting:
-            losses = losses * self.pair_weights(batch)
+            metrics["loss"] = metrics["loss"] * self.pair_weights(batch)
         if self.rpo_alpha:
-            losses = losses - self.rpo_alpha * means.chunk(2)[0]
-        chosen, rejected, chosen_rewards, rejected_rewards = shown
-        return {
-            "loss": losses,
-            "rewards/chosen": chosen_rewards,
-            "rewards/rejected": rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-            "rewards/margins": chosen_rewards - rejected_rewards,
-            "logps/chosen": chosen,
-            "logps/rejected": rejected,
-            **extra,
-        }
+            metrics["loss"] = metrics["loss"] + self.rpo_alpha * self.objective.chosen_nll(sums, lengths)
+        return metrics
 
     def step_loss(self, batch: dict) -> torch.Tensor:
         return self.preference_step(batch)["loss"].mean()
 
     def training_step(self, batch, batch_idx):
         metrics = self.preference_step(batch)
-        if "bco_pair" in self.loss_types:  # BCO's delta follows the implicit rewards of the batches trained on
+        if (
+            "bco_pair" in self.loss_types and self.objective.bco_running_mean
+        ):  # BCO's delta follows the implicit rewards of the batches trained on
             rewards = torch.cat([metrics["rewards/chosen"], metrics["rewards/rejected"]])
             self.bco_rewards["sum"] += float(rewards.double().sum())
             self.bco_rewards["count"] += len(rewards)

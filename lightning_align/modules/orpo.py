@@ -18,7 +18,8 @@ FIXED = {
 
 class ORPOModule(DPOModule):
     """Odds Ratio Preference Optimization on `PreferenceDataModule` batches: the chosen responses' negative
-    log-likelihood (per token, averaged over pairs) plus `orpo_lambda` times the odds-ratio loss
+    log-likelihood (`nll_average`: by default the token mean over the batch's chosen tokens) plus `orpo_lambda`
+    times the odds-ratio loss
     -log sigmoid(log odds(y+) - log odds(y-)) on length-averaged log-probabilities (`losses.orpo_loss`). It
     starts from a base model: supervised fine-tuning and preference alignment at once, no reference pass.
 

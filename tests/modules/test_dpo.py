@@ -117,25 +117,31 @@ def test_dpo_raises_heldout_reward_accuracy_and_the_greedy_chosen_rate(sft_model
     assert rate_after > rate_before + 0.08 and rate_after > 1.5 * rate_before
 
 
-def test_rpo_alpha_adds_the_mean_token_nll_of_the_chosen_responses(sft_model, task_files):
+@pytest.mark.parametrize("nll_average", ["tokens", "responses"])
+def test_rpo_alpha_adds_the_chosen_responses_nll_averaged_as_asked(sft_model, task_files, nll_average):
     dm = preference_data(sft_model, task_files)
     batch = dm.collate(dm.train_set[:4])
-    plain, rpo = DPOModule(sft_model), DPOModule(sft_model, rpo_alpha=0.5)
+    plain, rpo = DPOModule(sft_model), DPOModule(sft_model, rpo_alpha=0.5, nll_average=nll_average)
     for module in (plain, rpo):
         module.configure_model()
     rpo.model.load_state_dict(plain.model.state_dict())
     with torch.no_grad():
         logits = plain.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
-        nll = []
+        rows = []
         for b in range(4):  # chosen rows come first
-            terms = [
-                torch.log_softmax(logits[b, t - 1], -1)[batch["labels"][b, t]]
-                for t in range(1, logits.shape[1])
-                if batch["labels"][b, t] != -100
-            ]
-            nll.append(-sum(terms) / len(terms))
+            rows.append(
+                [
+                    -torch.log_softmax(logits[b, t - 1], -1)[batch["labels"][b, t]]
+                    for t in range(1, logits.shape[1])
+                    if batch["labels"][b, t] != -100
+                ]
+            )
+        if nll_average == "responses":  # each response's token mean
+            nll = torch.stack([sum(terms) / len(terms) for terms in rows])
+        else:  # one token mean over all the chosen tokens, the same for every pair
+            nll = (sum(sum(terms) for terms in rows) / sum(len(terms) for terms in rows)).expand(4)
         difference = rpo.preference_step(batch)["loss"] - plain.preference_step(batch)["loss"]
-    torch.testing.assert_close(difference.double(), 0.5 * torch.stack(nll), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(difference.double(), 0.5 * nll, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
