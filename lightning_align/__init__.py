@@ -39,6 +39,7 @@ from lightning_align.modules import (  # noqa: E402
     ORPOModule,
     PPOModule,
     RewardModule,
+    RLOOModule,
     SFTModule,
 )
 from lightning_align.modules.fsdp2 import FSDP2Strategy, register_strategy  # noqa: E402
@@ -63,6 +64,7 @@ __all__ = [
     "PreferenceDataModule",
     "PromptDataModule",
     "QLoRA",
+    "RLOOModule",
     "RewardModule",
     "SFTDataModule",
     "SFTModule",

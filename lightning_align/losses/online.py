@@ -218,6 +218,7 @@ def clipped_policy_loss(
     importance_sampling_level: str = "token",
     policy_loss: str = "clip",
     sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+    bias_correction_kl: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The policy loss of GRPO, Dr. GRPO, DAPO, GSPO, CISPO, SAPO, RLOO and REINFORCE++ with the loss aggregation
     of each.
@@ -229,7 +230,10 @@ def clipped_policy_loss(
                REINFORCE term, so no token's gradient is dropped; eps_high is the ratio's cap, e.g. 5, as TRL's);
       "sapo":  l_t = -(4 / tau) sigmoid(tau (rho - 1)) A, tau = tau_pos for A > 0 else tau_neg (SAPO, Gao et al.
                2025: a soft gate instead of the hard clip; `sapo_temperatures` = (tau_pos, tau_neg));
-    plus beta k3_t with k3_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 (DeepSeekMath eq. 4). A is
+    plus beta k3_t with k3_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 (DeepSeekMath eq. 4), or with
+    `bias_correction_kl` beta rho k3_t (DeepSeek-V3.2, 2025: the unbiased gradient of KL(pi || pi_ref) from
+    samples of pi_old; TRL's default, `use_bias_correction_kl=True`; rho differentiable, so it changes the
+    gradient also on-policy). A is
     [batch] (one advantage per sample) or [batch, response]. Aggregation over the masked tokens:
       "grpo":    mean_i (sum_t l_it / |o_i|)                    (per-sequence mean; Shao et al. 2024)
       "dr_grpo": sum_it l_it / (batch * max_completion_length) (a constant normaliser; Liu et al. 2025)
@@ -268,7 +272,7 @@ def clipped_policy_loss(
     per_token = per_token.expand_as(mask)
     if ref_logprobs is not None and beta != 0:
         kl = kl_penalty(logprobs, ref_logprobs, "k3")
-        per_token = per_token + beta * kl
+        per_token = per_token + beta * (kl * ratio if bias_correction_kl else kl)
         stats["kl"] = masked_mean(kl.detach(), mask)
     summed = per_token * mask
     if aggregation == "grpo":

@@ -7,6 +7,7 @@ from lightning_align.modules.orpo import ORPOModule
 from lightning_align.modules.ppo import PPOModule
 from lightning_align.modules.reward import RewardModule
 from lightning_align.modules.rewards import Rewards
+from lightning_align.modules.rloo import RLOOModule
 from lightning_align.modules.sft import SFTModule
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "ORPOModule",
     "OnlineRLModule",
     "PPOModule",
+    "RLOOModule",
     "RewardModule",
     "Rewards",
     "SFTModule",

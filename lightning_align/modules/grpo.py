@@ -9,7 +9,9 @@ from collections.abc import Sequence
 import torch
 
 from lightning_align.losses import (
+    IMPORTANCE_SAMPLING_LEVELS,
     LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
     SCALE_REWARDS,
     batch_advantages,
     clipped_policy_loss,
@@ -27,6 +29,14 @@ from lightning_align.modules.signal import GroupBuffer, LearningSignal, groups_w
 ADVANTAGES = ("grpo", "rloo", "reinforce++")
 
 
+def normalized(advantages: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
+    """(A - mean A) / (std A + 1e-4) over the scored samples (unbiased std; abstained ones, NaN reward, stay 0)."""
+    scored = ~reward.isnan()
+    values = advantages[scored]
+    std = values.std() if len(values) > 1 else values.new_zeros(())
+    return torch.where(scored, (advantages - values.mean()) / (std + 1e-4), 0.0)
+
+
 class GRPOModule(OnlineRLModule):
     """Group Relative Policy Optimization (Shao et al. 2024) and its critic-free relatives, on `PromptDataModule`
     prompts against reward functions (verifiers) or reward models.
@@ -42,9 +52,21 @@ class GRPOModule(OnlineRLModule):
             `reinforce_pp_advantages`).
         num_generations: samples per prompt (the group); a rollout batch is `batch_size * num_generations`.
         scale_rewards: GRPO's "group" std, the "batch" std, or "none" (Dr. GRPO).
-        loss_aggregation: "grpo" (per-sequence mean), "dr_grpo" (constant normaliser) or "dapo" (token mean over
-            the generation batch); see `clipped_policy_loss`.
+        loss_aggregation: "grpo" (per-sequence mean; the paper's and our default, TRL's default is "dapo"),
+            "dr_grpo" (constant normaliser), "dapo" (token mean over the generation batch) or "bnpo" (token mean
+            over each mini-batch); see `clipped_policy_loss`.
+        policy_loss: "clip" (PPO's clipped surrogate), "cispo" (the clipped ratio weighs a REINFORCE term;
+            `epsilon_high` is the ratio's cap, e.g. 5) or "sapo" (a soft gate; `sapo_temperature_pos` / `_neg`).
+            TRL's loss_type="cispo" is policy_loss="cispo" with loss_aggregation="dapo"; "sapo" with "grpo".
+        importance_sampling_level: "token" (default), "sequence" (GSPO: one length-normalised ratio per sample)
+            or "sequence_sum" (the whole sequence's probability ratio, as TRL's RLOOTrainer).
         epsilon, epsilon_high: the ratio clip, [1 - epsilon, 1 + epsilon_high] (DAPO's clip-higher: 0.28).
+        kl_in_reward: subtract beta times each sample's summed k1 KL (log pi_old - log pi_ref) from its reward
+            before the baseline, instead of adding beta * k3 to the loss (RLOO's paper and TRL's RLOOTrainer).
+        normalize_advantages: normalise the advantages over the generation batch, (A - mean) / (std + 1e-4), as
+            TRL's RLOOConfig(normalize_advantages=True).
+        use_bias_correction_kl: weigh the k3 term by the importance ratio (DeepSeek-V3.2's unbiased KL gradient;
+            TRL 1.16's default). False (default): DeepSeekMath's plain k3, whose gradient differs whenever beta > 0.
         num_iterations: learning passes over each generation batch (GRPO's mu); minibatch_size: samples per
             optimiser step, per process (default: the whole generation batch, one step per pass).
         beta: KL to the reference. GRPO and RLOO add beta * k3 to the loss; REINFORCE++ subtracts beta * KL_t
@@ -73,8 +95,15 @@ class GRPOModule(OnlineRLModule):
         num_generations: int = 8,
         scale_rewards: str = "group",
         loss_aggregation: str = "grpo",
+        policy_loss: str = "clip",
+        importance_sampling_level: str = "token",
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
+        kl_in_reward: bool = False,
+        normalize_advantages: bool = False,
+        use_bias_correction_kl: bool = False,
         num_iterations: int = 1,
         minibatch_size: int | None = None,
         beta: float | None = None,
@@ -95,6 +124,15 @@ class GRPOModule(OnlineRLModule):
             raise ValueError(f"unknown scale_rewards {scale_rewards!r}; valid: {', '.join(SCALE_REWARDS)}")
         if loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(f"unknown loss_aggregation {loss_aggregation!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
+        if policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"unknown policy_loss {policy_loss!r}; valid: {', '.join(POLICY_LOSSES)}")
+        if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(
+                f"unknown importance_sampling_level {importance_sampling_level!r}; valid: "
+                f"{', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
+            )
+        if (kl_in_reward or normalize_advantages) and advantage == "reinforce++":
+            raise ValueError("advantage='reinforce++' has the KL in each token's reward and whitened advantages")
         if num_generations < 1 or num_iterations < 1 or (minibatch_size is not None and minibatch_size < 1):
             raise ValueError("num_generations, num_iterations and minibatch_size must be at least 1")
         if advantage in ("grpo", "rloo") and num_generations < 2:
@@ -121,6 +159,10 @@ class GRPOModule(OnlineRLModule):
         self.num_generations = num_generations
         self.scale_rewards = scale_rewards
         self.loss_aggregation = loss_aggregation
+        self.policy_loss, self.importance_sampling_level = policy_loss, importance_sampling_level
+        self.sapo_temperatures = (sapo_temperature_pos, sapo_temperature_neg)
+        self.kl_in_reward, self.normalize_advantages = kl_in_reward, normalize_advantages
+        self.use_bias_correction_kl = use_bias_correction_kl
         self.epsilon, self.epsilon_high = epsilon, epsilon_high
         self.num_iterations, self.minibatch_size = num_iterations, minibatch_size
         self.beta = beta if beta is not None else (0.01 if advantage == "reinforce++" else 0.0)
@@ -136,6 +178,10 @@ class GRPOModule(OnlineRLModule):
     @property
     def needs_reference(self) -> bool:
         return self.beta != 0
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.advantage != "reinforce++" and not self.kl_in_reward and self.beta != 0
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -189,12 +235,16 @@ class GRPOModule(OnlineRLModule):
         if self.reference is not None:
             with self.reference(self.model) as reference:
                 rollout["ref_logprobs"], _ = self.response_logps(reference, rollout)
-        if self.several_steps(samples) or self.advantage == "reinforce++":
+        if self.several_steps(samples) or self.advantage == "reinforce++" or (self.kl_in_reward and self.reference):
             if rollout["sampled_logprobs"] is not None and self.sampled_logprobs_exact:
                 rollout["logprobs"] = rollout["sampled_logprobs"]  # the sampler's: no forward pass
             else:
                 rollout["logprobs"], _ = self.response_logps(self.model, rollout)
         reward = rollout["reward"]
+        if self.kl_in_reward and self.reference is not None:  # RLOO's k1 KL, summed per sample, in the reward
+            kl = kl_penalty(rollout["logprobs"], rollout["ref_logprobs"], "k1")
+            reward = reward - self.beta * (kl * rollout["mask"]).sum(-1)
+            rollout["kl"] = float(self.all_rows(masked_mean(kl, rollout["mask"])[None]).mean())
         if self.advantage == "grpo" and self.rewards.aggregation == "normalize_then_sum":
             rollout["advantages"] = self.over_global_batch(batch_advantages, reward)  # GDPO, as TRL
         elif self.advantage == "grpo":
@@ -211,6 +261,8 @@ class GRPOModule(OnlineRLModule):
             advantages = self.over_global_batch(reinforce_pp_advantages, token_rewards, rollout["mask"])
             rollout["advantages"] = torch.where(reward.isnan()[:, None], 0.0, advantages)
             rollout["kl"] = float(self.all_rows((kl * rollout["mask"]).sum(-1)).mean())
+        if self.normalize_advantages:
+            rollout["advantages"] = self.over_global_batch(normalized, rollout["advantages"], reward)
         rollout["time/score"] = time.perf_counter() - started
         return rollout
 
@@ -249,10 +301,14 @@ class GRPOModule(OnlineRLModule):
             self.epsilon,
             self.epsilon_high,
             self.loss_aggregation,
-            ref_logprobs=rollout["ref_logprobs"][rows] if self.advantage != "reinforce++" and self.beta else None,
+            ref_logprobs=rollout["ref_logprobs"][rows] if self.kl_in_loss else None,
             beta=self.beta,
             max_completion_length=self.sampling["max_new_tokens"],
             num_tokens=num_tokens,
+            importance_sampling_level=self.importance_sampling_level,
+            policy_loss=self.policy_loss,
+            sapo_temperatures=self.sapo_temperatures,
+            bias_correction_kl=self.use_bias_correction_kl,
         )
         # Token means, each over the global mini-batch once the processes' are averaged for the log.
         share = self.token_share(rollout["loss_mask"][rows])
