@@ -3,7 +3,7 @@
 SimPO), `kto`, `online` (PPO, GRPO, RLOO, REINFORCE++). Import them from here.
 """
 
-from lightning_align.losses.kto import kto_kl, kto_loss
+from lightning_align.losses.kto import KTO_LOSS_TYPES, kto_kl, kto_loss
 from lightning_align.losses.online import (
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_AGGREGATIONS,
@@ -56,6 +56,7 @@ __all__ = [
     "F_DIVERGENCE_LOSS_TYPES",
     "F_DIVERGENCES",
     "IMPORTANCE_SAMPLING_LEVELS",
+    "KTO_LOSS_TYPES",
     "LENGTH_AVERAGED_LOSS_TYPES",
     "LOSS_AGGREGATIONS",
     "POLICY_LOSSES",

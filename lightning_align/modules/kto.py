@@ -7,7 +7,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lightning_align.data.unpaired import fix_kl_completions
-from lightning_align.losses import kto_kl, kto_loss
+from lightning_align.losses import KTO_LOSS_TYPES, kto_kl, kto_loss
 from lightning_align.modules.base import AlignModule, ModelSource
 from lightning_align.modules.ref_cache import scored_examples
 from lightning_align.modules.reference import Reference
@@ -30,6 +30,8 @@ class KTOModule(AlignModule):
 
     Args:
         beta: the value function's scale (the paper's default 0.1).
+        loss_type: "kto" (default) or "apo_zero_unpaired" (APO-zero one answer at a time, TRL's name: no KL
+            reference point, so the mismatched rows are not scored by the policy; `losses.kto_loss`).
         desirable_weight, undesirable_weight: lambda_D and lambda_U. The paper recommends lambda_D n_D /
             (lambda_U n_U) in [1, 4/3] (n_D, n_U: the desirable and undesirable training examples); a run outside
             it is warned about at start, with the weight that would bring it in.
@@ -53,6 +55,7 @@ class KTOModule(AlignModule):
         self,
         model: ModelSource,
         beta: float = 0.1,
+        loss_type: str = "kto",
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
         precompute_ref_logps: bool = False,
@@ -63,8 +66,10 @@ class KTOModule(AlignModule):
     ):
         if beta <= 0 or desirable_weight <= 0 or undesirable_weight <= 0:
             raise ValueError("beta, desirable_weight and undesirable_weight must be positive")
+        if loss_type not in KTO_LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(KTO_LOSS_TYPES)}")
         super().__init__(model, **kwargs)
-        self.beta = beta
+        self.beta, self.loss_type = beta, loss_type
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         self.precompute_ref_logps = precompute_ref_logps
         self.padding_free = padding_free
@@ -148,11 +153,21 @@ class KTOModule(AlignModule):
         # The reference first: sharded, its gathered weights are freed before the policy's forward holds its own.
         ref, ref_kl = self.reference_logps(batch)
         policy = response_logps(self.model, examples, plan=self.scoring_plan(self.model, examples))
-        with torch.no_grad():  # the reference point carries no gradient: no backward through these rows
-            policy_kl = response_logps(self.model, mismatched, plan=self.scoring_plan(self.model, mismatched))
-        kl = kto_kl(*self.over_all_processes(policy_kl, ref_kl))
+        if self.loss_type == "kto":
+            with torch.no_grad():  # the reference point carries no gradient: no backward through these rows
+                policy_kl = response_logps(self.model, mismatched, plan=self.scoring_plan(self.model, mismatched))
+            kl = kto_kl(*self.over_all_processes(policy_kl, ref_kl))
+        else:
+            kl = policy.new_zeros(())
         losses, rewards = kto_loss(
-            policy, ref, batch["desirable"], kl, self.beta, self.desirable_weight, self.undesirable_weight
+            policy,
+            ref,
+            batch["desirable"],
+            kl,
+            self.beta,
+            self.desirable_weight,
+            self.undesirable_weight,
+            self.loss_type,
         )
         return {"losses": losses, "rewards": rewards, "kl": kl}
 
