@@ -1,0 +1,159 @@
+"""What a TRL 1.16 user sets, its equivalent here, and whether the numbers are equal: the source of
+docs/from-trl.md (`python -m tests.parity.table > docs/from-trl.md`). Every "equal" or "differs" row names the
+parity cases that prove it (tests/parity/test_table.py checks they exist and that the document is current)."""
+
+from __future__ import annotations
+
+# (TRL trainer and field, lightning-align equivalent, verdict, parity cases "module::case")
+ROWS = [
+    ("DPOConfig", "beta, loss_type=['sigmoid']", "DPOModule(beta=, loss_type='sigmoid')", "equal", ["dpo::sigmoid"]),
+    *[
+        ("DPOConfig", f"loss_type=['{kind}']", f"DPOModule(loss_type='{kind}')", "equal", [f"dpo::{kind}"])
+        for kind in ("hinge", "ipo", "nca_pair", "sppo_hard", "aot_unpaired", "apo_zero", "apo_down", "sigmoid_norm")
+    ],
+    ("DPOConfig", "loss_type=['robust'], label_smoothing", "the same names", "equal", ["dpo::robust"]),
+    ("DPOConfig", "loss_type=['exo_pair'], label_smoothing", "the same names", "equal", ["dpo::exo_pair"]),
+    ("DPOConfig", "loss_type=['aot'], label_smoothing", "the same names", "equal", ["dpo::aot"]),
+    ("DPOConfig", "loss_type=['discopop'], discopop_tau", "the same names", "equal", ["dpo::discopop"]),
+    (
+        "DPOConfig",
+        "loss_type=['bco_pair']",
+        "DPOModule(loss_type='bco_pair', bco_running_mean=False)",
+        "differs: by default we shift the implicit rewards by their running mean, as BCO's paper (TRL's shift is 0); "
+        "`bco_running_mean=False` gives TRL's",
+        ["dpo::bco_pair", "dpo::bco_pair running mean (BCO's delta; TRL's is 0)"],
+    ),
+    (
+        "DPOConfig",
+        "loss_type=['sigmoid'], label_smoothing > 0",
+        "DPOModule(label_smoothing=0)",
+        "differs: ours is conservative DPO (cDPO, Mitchell 2023); TRL 1.16 ignores label_smoothing for 'sigmoid'. "
+        "Leave it 0 for TRL's numbers",
+        ["dpo::sigmoid label_smoothing (cDPO; TRL ignores it)"],
+    ),
+    (
+        "DPOConfig",
+        "loss_type=[...], loss_weights (MPO)",
+        "DPOModule(loss_type=[...], loss_weights=[...])",
+        "equal; the 'sft' term is the token mean over the batch's chosen tokens (`nll_average='tokens'`); "
+        "`nll_average='responses'` averages each response first (every pair weighs the same)",
+        ["dpo::mpo", "dpo::sft term per response (nll_average; TRL's is the token mean)"],
+    ),
+    (
+        "DPOConfig",
+        "loss_type=['sigmoid', 'sft'], loss_weights=[1, alpha] (RPO)",
+        "DPOModule(rpo_alpha=alpha)",
+        "equal (TRL 1.16 has no rpo_alpha; this is its form)",
+        ["dpo::rpo"],
+    ),
+    (
+        "DPOConfig",
+        "f_divergence_type, f_alpha_divergence_coef",
+        "the same names",
+        "equal for 'sigmoid', 'hinge', 'robust', 'exo_pair', 'discopop'; refused with 'ipo' and 'sigmoid_norm' (TRL "
+        "transforms the summed log-ratios, then averages them: not f-DPO's definition)",
+        ["dpo::forward_kl", "dpo::js_divergence", "dpo::alpha_divergence"],
+    ),
+    ("DPOConfig", "ld_alpha", "DPOModule(ld_alpha=)", "equal", ["dpo::ld_alpha"]),
+    ("DPOConfig", "use_weighting (WPO)", "DPOModule(use_weighting=True)", "equal", ["dpo::wpo"]),
+    (
+        "DPOTrainer",
+        "logged rewards/*, logps/*",
+        "the same names",
+        "equal (summed log-ratios and log-probs, also for 'ipo' and 'sigmoid_norm')",
+        ["dpo::ipo", "dpo::sigmoid_norm"],
+    ),
+    ("KTOConfig", "beta, loss_type='kto'", "KTOModule(beta=)", "equal (the KL point from the same rows)", ["kto::kto"]),
+    (
+        "KTOConfig",
+        "desirable_weight, undesirable_weight",
+        "the same names",
+        "equal; a class balance outside the paper's [1, 4/3] is warned about",
+        ["kto::kto weighted"],
+    ),
+    ("KTOConfig", "loss_type='apo_zero_unpaired'", "KTOModule(loss_type=)", "equal", ["kto::apo_zero_unpaired"]),
+    ("GRPOConfig", "loss_type='grpo'", "GRPOModule(loss_aggregation='grpo')", "equal", ["grpo::grpo"]),
+    ("GRPOConfig", "loss_type='dr_grpo'", "GRPOModule(loss_aggregation='dr_grpo')", "equal", ["grpo::dr_grpo"]),
+    (
+        "GRPOConfig",
+        "loss_type='dapo', epsilon_high",
+        "GRPOModule(loss_aggregation='dapo', epsilon_high=)",
+        "equal",
+        ["grpo::dapo clip-higher beta"],
+    ),
+    ("GRPOConfig", "loss_type='bnpo'", "GRPOModule(loss_aggregation='bnpo')", "equal", ["grpo::bnpo"]),
+    (
+        "GRPOConfig",
+        "loss_type='cispo', epsilon_high",
+        "GRPOModule(policy_loss='cispo', loss_aggregation='dapo', epsilon_high=)",
+        "equal",
+        ["grpo::cispo"],
+    ),
+    (
+        "GRPOConfig",
+        "loss_type='sapo', sapo_temperature_pos / _neg",
+        "GRPOModule(policy_loss='sapo', sapo_temperature_pos=, sapo_temperature_neg=)",
+        "equal",
+        ["grpo::sapo"],
+    ),
+    (
+        "GRPOConfig",
+        "importance_sampling_level='sequence' (GSPO)",
+        "GRPOModule(importance_sampling_level='sequence')",
+        "equal",
+        ["grpo::gspo"],
+    ),
+    (
+        "GRPOConfig",
+        "beta, use_bias_correction_kl=True (default)",
+        "GRPOModule(beta=, use_bias_correction_kl=True)",
+        "differs by default: our k3 term is DeepSeekMath's, unweighted (TRL weighs it by the ratio, which changes "
+        "its gradient even on-policy); `use_bias_correction_kl=True` gives TRL's",
+        ["grpo::grpo beta", "grpo::grpo beta, plain k3", "grpo::default kl gradient"],
+    ),
+    (
+        "RLOOTrainer",
+        "RLOOConfig: beta, epsilon, normalize_advantages",
+        "RLOOModule(beta=, epsilon=, normalize_advantages=)",
+        "equal (sequence-level ratio, k1 KL in the reward); `GRPOModule(advantage='rloo')` is the token-level form",
+        ["grpo::rloo"],
+    ),
+]
+
+# Settings whose default differs (what a script that sets nothing gets).
+DEFAULTS = [
+    ("GRPOConfig.loss_type", "'dapo'", "GRPOModule(loss_aggregation='grpo')", "the GRPO paper's per-sequence mean"),
+    ("GRPOConfig.use_bias_correction_kl", "True", "use_bias_correction_kl=False", "DeepSeekMath's k3"),
+    ("DPOConfig.label_smoothing with 'sigmoid'", "ignored", "cDPO", "set 0 for TRL's"),
+    ("DPOConfig bco_pair shift", "0", "running mean", "`bco_running_mean=False`"),
+    ("lr_scheduler_type", "'linear' decay", "warmup, then cosine to learning_rate * min_lr_ratio", ""),
+    ("max_grad_norm", "1.0", "Lightning clips only when asked", "`trainer.gradient_clip_val: 1.0` (every config)"),
+    ("gradient_checkpointing", "True", "False", "`gradient_checkpointing=True`"),
+    ("RLOOConfig.num_generations / beta", "2 / 0.05", "RLOOModule: the same", ""),
+]
+
+HEADER = """# Coming from TRL
+
+Generated by `python -m tests.parity.table` from the parity suite (`tests/parity/`), which runs TRL 1.16's own
+trainers (their `_compute_loss` on their collators' batches, or on constructed rollouts) against ours on the same
+token ids, policy and reference, and asserts equal losses (1e-5), gradients and logged metrics, or the documented
+difference and that its switch removes it. A TRL release that changes a definition fails the suite.
+
+Every argument below is also a YAML key of `lightning-align fit --config`: `model.init_args.<argument>`.
+
+| TRL | field | lightning-align | verdict | proven by |
+|---|---|---|---|---|
+"""
+
+
+def markdown() -> str:
+    lines = [HEADER.rstrip("\n")]
+    for trainer, field, ours, verdict, cases in ROWS:
+        lines.append(f"| {trainer} | `{field}` | `{ours}` | {verdict} | {', '.join(cases)} |")
+    lines += ["", "## Defaults that differ", "", "| TRL | TRL's default | ours | to get TRL's |", "|---|---|---|---|"]
+    lines += [f"| {name} | {theirs} | {ours} | {switch} |" for name, theirs, ours, switch in DEFAULTS]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
