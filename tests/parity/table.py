@@ -118,6 +118,30 @@ ROWS = [
         "equal (sequence-level ratio, k1 KL in the reward); `GRPOModule(advantage='rloo')` is the token-level form",
         ["grpo::rloo"],
     ),
+    (
+        "GRPOConfig",
+        "num_generations, scale_rewards, num_iterations, epsilon, mask_truncated_completions, reward_weights",
+        "GRPOModule: the same names",
+        "equal advantages (tested against TRL's formulas in tests/modules/test_grpo.py, not TRL's code: they sit "
+        "inside its generation loop)",
+        [],
+    ),
+    (
+        "GRPOConfig",
+        "multi_objective_aggregation",
+        "GRPOModule(reward_aggregation=)",
+        "equal, the same way (GDPO: 'normalize_then_sum' normalises the sum over the batch whatever scale_rewards)",
+        [],
+    ),
+    (
+        "ORPOConfig (experimental)",
+        "beta (lambda)",
+        "ORPOModule(orpo_lambda=)",
+        "differs: our NLL term is the token mean over the chosen completions' tokens (ORPO's paper, eq. 2); TRL's "
+        "also counts the prompt's tokens. The odds-ratio term and its metrics (`log_odds_ratio`, "
+        "`log_odds_chosen`) are TRL's",
+        [],
+    ),
 ]
 
 # Settings whose default differs (what a script that sets nothing gets).
