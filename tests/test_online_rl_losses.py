@@ -95,19 +95,47 @@ def test_combined_rewards_weigh_sources_and_skip_abstentions(aggregation):
         assert out[i].item() == pytest.approx(total)
 
 
-def naive_clipped_loss(logprobs, old, adv, mask, eps, eps_high, aggregation, ref, beta, max_len, num_tokens):
+def naive_clipped_loss(
+    logprobs,
+    old,
+    adv,
+    mask,
+    eps,
+    eps_high,
+    aggregation,
+    ref,
+    beta,
+    max_len,
+    num_tokens,
+    level="token",
+    policy_loss="clip",
+    temperatures=(1.0, 1.05),
+    bias_correction=False,
+):
     B, T = mask.shape
     per_seq, total, count = [], 0.0, 0.0
     for b in range(B):
         seq_total, seq_count = 0.0, 0.0
-        for t in range(T):
-            if not mask[b, t]:
-                continue
+        steps = [t for t in range(T) if mask[b, t]]
+        log_ratio_sum = sum((logprobs[b, t] - old[b, t] for t in steps), torch.zeros((), dtype=logprobs.dtype))
+        for t in steps:
             a = adv[b] if adv.dim() == 1 else adv[b, t]
-            ratio = torch.exp(logprobs[b, t] - old[b, t])
-            loss = -torch.min(ratio * a, torch.clamp(ratio, 1 - eps, 1 + eps_high) * a)
+            if level == "token":
+                ratio = torch.exp(logprobs[b, t] - old[b, t])
+            elif level == "sequence":  # GSPO: the length-normalised sequence ratio
+                ratio = torch.exp(log_ratio_sum / len(steps))
+            else:
+                ratio = torch.exp(log_ratio_sum)
+            if policy_loss == "clip":
+                loss = -torch.min(ratio * a, torch.clamp(ratio, 1 - eps, 1 + eps_high) * a)
+            elif policy_loss == "cispo":
+                loss = -min(ratio.item(), eps_high) * a * logprobs[b, t]
+            else:
+                tau = temperatures[0] if a > 0 else temperatures[1]
+                loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a
             if ref is not None:
-                loss = loss + beta * (torch.exp(ref[b, t] - logprobs[b, t]) - (ref[b, t] - logprobs[b, t]) - 1)
+                k3 = torch.exp(ref[b, t] - logprobs[b, t]) - (ref[b, t] - logprobs[b, t]) - 1
+                loss = loss + beta * (k3 * ratio if bias_correction else k3)
             seq_total, seq_count = seq_total + loss, seq_count + 1
         per_seq.append(seq_total / max(seq_count, 1))
         total, count = total + seq_total, count + seq_count
@@ -115,13 +143,12 @@ def naive_clipped_loss(logprobs, old, adv, mask, eps, eps_high, aggregation, ref
         return sum(per_seq) / B
     if aggregation == "dr_grpo":
         return total / (B * max_len)
+    if aggregation == "bnpo":
+        return total / count
     return total / (num_tokens if num_tokens is not None else count)
 
 
-@pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "dapo"])
-@pytest.mark.parametrize("token_level", [False, True])
-@pytest.mark.parametrize("with_ref", [False, True])
-def test_clipped_policy_loss_and_its_gradient_match_a_naive_loop(aggregation, token_level, with_ref):
+def policy_loss_inputs(token_level: bool, with_ref: bool):
     g = torch.Generator().manual_seed(1)
     B, T = 4, 6
     mask = torch.ones(B, T, dtype=torch.float64)
@@ -130,8 +157,15 @@ def test_clipped_policy_loss_and_its_gradient_match_a_naive_loop(aggregation, to
     logprobs = (torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3 - 1).requires_grad_()
     old = logprobs.detach() + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3  # ratios beyond the clip
     adv = torch.randn(B, T, generator=g, dtype=torch.float64) if token_level else torch.randn(B, generator=g)
-    adv = adv.double()
     ref = logprobs.detach() + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.2 if with_ref else None
+    return logprobs, old, adv.double(), mask, ref
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "dapo", "bnpo"])
+@pytest.mark.parametrize("token_level", [False, True])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_clipped_policy_loss_and_its_gradient_match_a_naive_loop(aggregation, token_level, with_ref):
+    logprobs, old, adv, mask, ref = policy_loss_inputs(token_level, with_ref)
     options = dict(epsilon=0.2, epsilon_high=0.28, aggregation=aggregation, max_completion_length=8)
     num_tokens = 30.0 if aggregation == "dapo" else None
     loss, stats = clipped_policy_loss(
@@ -146,6 +180,60 @@ def test_clipped_policy_loss_and_its_gradient_match_a_naive_loop(aggregation, to
     ratios = torch.exp(logprobs.detach() - old)[mask.bool()]
     assert 0 < stats["clipfrac"] < 1 and ((ratios < 0.8) | (ratios > 1.28)).any()
     assert ("kl" in stats) == with_ref
+
+
+@pytest.mark.parametrize(
+    "level, policy_loss, bias_correction",
+    [
+        ("sequence", "clip", False),
+        ("sequence_sum", "clip", False),
+        ("token", "cispo", False),
+        ("sequence", "cispo", False),
+        ("token", "sapo", False),
+        ("token", "clip", True),
+        ("sequence", "sapo", True),
+    ],
+)
+def test_gspo_cispo_sapo_and_the_corrected_kl_match_a_naive_loop(level, policy_loss, bias_correction):
+    logprobs, old, adv, mask, ref = policy_loss_inputs(False, True)
+    eps_high = 1.1 if policy_loss == "cispo" else 0.28  # CISPO's eps_high caps the ratio itself
+    loss, _ = clipped_policy_loss(
+        logprobs,
+        old,
+        adv,
+        mask,
+        0.2,
+        eps_high,
+        "grpo",
+        ref,
+        0.04,
+        importance_sampling_level=level,
+        policy_loss=policy_loss,
+        sapo_temperatures=(1.2, 2.0),
+        bias_correction_kl=bias_correction,
+    )
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    naive_input = logprobs.detach().clone().requires_grad_()
+    expected = naive_clipped_loss(
+        naive_input,
+        old,
+        adv,
+        mask,
+        0.2,
+        eps_high,
+        "grpo",
+        ref,
+        0.04,
+        8,
+        None,
+        level,
+        policy_loss,
+        (1.2, 2.0),
+        bias_correction,
+    )
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    torch.testing.assert_close(grad, naive_input.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_clip_higher_lets_positive_advantages_move_further():
@@ -163,8 +251,16 @@ def test_clip_higher_lets_positive_advantages_move_further():
         (lambda r: group_advantages(r, 2, "groups"), "unknown scale_rewards"),
         (lambda r: combined_rewards(r[:, None], torch.ones(1), "mean"), "unknown reward aggregation"),
         (
-            lambda r: clipped_policy_loss(r[:, None], r[:, None], r, torch.ones(4, 1), aggregation="bnpo"),
+            lambda r: clipped_policy_loss(r[:, None], r[:, None], r, torch.ones(4, 1), aggregation="tokens"),
             "unknown loss aggregation",
+        ),
+        (
+            lambda r: clipped_policy_loss(r[:, None], r[:, None], r, torch.ones(4, 1), policy_loss="ppo"),
+            "unknown policy_loss",
+        ),
+        (
+            lambda r: clipped_policy_loss(r[:, None], r[:, None], r, torch.ones(4, 1), importance_sampling_level="x"),
+            "unknown importance_sampling_level",
         ),
     ],
 )

@@ -203,3 +203,85 @@ def test_wpo_weights_are_the_product_of_each_responses_aligned_mean_probability(
             terms = [logps[i].item() - log_sum_sq[i].item() for i in range(len(rows)) if rows[i] == row]
             product *= math.exp(sum(terms) / len(terms))
         assert weights[pair].item() == pytest.approx(product)
+
+
+def naive_f_prime(kind: str, u: float, coef: float) -> float:
+    """f'(u) of f-DPO's Table 1 (Wang et al. 2023) in the paper's own parametrisation; the paper's alpha is
+    1 - TRL's f_alpha_divergence_coef. Constants that cancel in differences are left out."""
+    if kind == "reverse_kl":
+        return math.log(u)
+    if kind == "forward_kl":
+        return -1 / u
+    if kind == "js_divergence":
+        return math.log(2 * u / (1 + u))
+    alpha = 1 - coef
+    return (1 - u ** (-alpha)) / alpha
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "discopop"])
+def test_f_divergence_scores_replace_the_log_ratios_as_f_dpo_writes_them(kind, loss_type):
+    g = torch.Generator().manual_seed(4)
+    inputs = [(torch.randn(B, generator=g, dtype=torch.float64) * 0.8 - 20).requires_grad_() for _ in range(4)]
+    coef = 0.3
+
+    def written_out(pc, pr, rc, rr):
+        out = []
+        for i in range(B):
+            h = naive_f_prime(kind, math.exp(pc[i] - rc[i]), coef) - naive_f_prime(kind, math.exp(pr[i] - rr[i]), coef)
+            if loss_type == "sigmoid":
+                out.append(-log_sigmoid(BETA * h))
+            elif loss_type == "hinge":
+                out.append(max(0.0, 1 - BETA * h))
+            else:
+                m = sigmoid(BETA * h / TAU)
+                out.append((1 - m) * -log_sigmoid(BETA * h) + m * math.exp(-BETA * h))
+        return out
+
+    losses, _, _ = dpo_loss(
+        *inputs, beta=BETA, loss_type=loss_type, discopop_tau=TAU, f_divergence_type=kind, f_alpha_divergence_coef=coef
+    )
+    assert losses.tolist() == pytest.approx(written_out(*[x.tolist() for x in inputs]), rel=1e-9, abs=1e-12)
+    grads = torch.autograd.grad(losses.sum(), inputs)
+    step = 1e-6
+    for k in range(4):
+        for i in range(B):
+            values = [v.tolist() for v in inputs]
+            values[k][i] += step
+            up = sum(written_out(*values))
+            values[k][i] -= 2 * step
+            assert grads[k][i].item() == pytest.approx(
+                (up - sum(written_out(*values))) / (2 * step), rel=1e-5, abs=1e-7
+            )
+
+
+def test_f_divergences_are_refused_for_losses_not_written_on_the_score_difference():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="f_divergence_type='forward_kl' applies to"):
+        dpo_loss(x, x, x, x, loss_type="nca_pair", f_divergence_type="forward_kl")
+
+
+def test_apo_zero_unpaired_is_kto_without_a_reference_point_with_gradients():
+    from lightning_align.losses import kto_loss
+
+    g = torch.Generator().manual_seed(6)
+    policy = (torch.randn(B, generator=g, dtype=torch.float64) - 10).requires_grad_()
+    ref = torch.randn(B, generator=g, dtype=torch.float64) - 10
+    desirable = torch.tensor([True, False, True, False, False])
+
+    def naive(p):  # APO-zero (D'Oosterlinck et al. 2024, eq. 7), one answer at a time
+        return [
+            (1.5 * (1 - sigmoid(BETA * (p[i] - ref[i].item()))))
+            if desirable[i]
+            else (0.7 * sigmoid(BETA * (p[i] - ref[i].item())))
+            for i in range(B)
+        ]
+
+    losses, _ = kto_loss(policy, ref, desirable, torch.tensor(3.0), BETA, 1.5, 0.7, loss_type="apo_zero_unpaired")
+    assert losses.tolist() == pytest.approx(naive(policy.tolist()), rel=1e-10)  # the KL point (3.0) is ignored
+    (grad,) = torch.autograd.grad(losses.sum(), policy)
+    for i in range(B):
+        up, down = policy.tolist(), policy.tolist()
+        up[i] += 1e-6
+        down[i] -= 1e-6
+        assert grad[i].item() == pytest.approx((sum(naive(up)) - sum(naive(down))) / 2e-6, rel=1e-5)

@@ -262,7 +262,8 @@ def clipped_policy_loss(
         per_token = -torch.clamp(ratio, max=high).detach() * advantages * logprobs
         clipped_share = (ratio > high).to(logprobs.dtype).expand_as(mask)
     else:
-        tau = torch.where(advantages > 0, sapo_temperatures[0], sapo_temperatures[1]).to(ratio.dtype)
+        positive, negative = ratio.new_tensor(sapo_temperatures[0]), ratio.new_tensor(sapo_temperatures[1])
+        tau = torch.where(advantages > 0, positive, negative)
         per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages
         clipped_share = torch.zeros_like(mask)
     stats = {

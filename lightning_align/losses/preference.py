@@ -69,7 +69,8 @@ def f_divergence_scores(log_ratio: Tensor, kind: str = "reverse_kl", alpha: floa
       "forward_kl":       1 - 1/u;
       "js_divergence":    log(2u / (1 + u)) = log 2 + log sigmoid(log u);
       "alpha_divergence": (u^(alpha - 1) - 1) / (alpha - 1), alpha = TRL's `f_alpha_divergence_coef` (the paper's
-                          alpha is 1 - this one); alpha = 1 is reverse KL. The exponent is capped at 80 (float32).
+                          alpha is 1 - this one); alpha = 1 is reverse KL. The exponent is capped at 80, and
+                          computed in float32 at least.
     """
     if kind not in F_DIVERGENCES:
         raise ValueError(f"unknown f_divergence_type {kind!r}; valid: {', '.join(F_DIVERGENCES)}")
@@ -78,7 +79,8 @@ def f_divergence_scores(log_ratio: Tensor, kind: str = "reverse_kl", alpha: floa
     if kind == "js_divergence":
         return math.log(2) + F.logsigmoid(log_ratio)
     if kind == "alpha_divergence" and abs(alpha - 1.0) >= 1e-6:
-        exponent = torch.clamp(((alpha - 1.0) * log_ratio).float(), max=80.0)
+        exponent = ((alpha - 1.0) * log_ratio).to(torch.promote_types(log_ratio.dtype, torch.float32))
+        exponent = torch.clamp(exponent, max=80.0)
         return (torch.exp(exponent) - 1.0).to(log_ratio.dtype) / (alpha - 1.0)
     return log_ratio
 
