@@ -12,15 +12,25 @@ from torch import Tensor
 from lightning_align.losses.kto import _log1mexp
 
 
-def pairwise_reward_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None) -> Tensor:
-    """Bradley-Terry loss, mean of -log sigmoid(r+ - r- - m)  (Ouyang et al. 2022, eq. 1; margin as in Llama 2).
+def pairwise_reward_loss(
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    margin: Tensor | None = None,
+    center_rewards_coefficient: float = 0.0,
+) -> Tensor:
+    """Bradley-Terry loss, mean of -log sigmoid(r+ - r- - m)  (Ouyang et al. 2022, eq. 1; margin as in Llama 2),
+    plus c mean((r+ + r-)^2) with c = `center_rewards_coefficient` (Eisenstein et al. 2023, "Helping or Herding?":
+    rewards centred on zero, which the pairwise loss alone leaves free; TRL's name).
 
     chosen_rewards, rejected_rewards: [batch] scalar rewards; margin: optional [batch] required gap.
     """
     gap = chosen_rewards - rejected_rewards
     if margin is not None:
         gap = gap - margin
-    return -F.logsigmoid(gap).mean()
+    loss = -F.logsigmoid(gap).mean()
+    if center_rewards_coefficient:
+        loss = loss + center_rewards_coefficient * ((chosen_rewards + rejected_rewards) ** 2).mean()
+    return loss
 
 
 DPO_LOSS_TYPES = (

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+
 from lightning_align.modules.base import ModelSource
 from lightning_align.modules.dpo import DPOModule
+from lightning_align.scoring.rows import plan_token_logps
 
 # DPOModule's settings that ORPO fixes, with DPOModule's defaults (which LightningCLI passes along).
 FIXED = {
@@ -26,6 +29,9 @@ class ORPOModule(DPOModule):
     Args:
         orpo_lambda: weight of the odds-ratio term (the paper's lambda: 0.1 for its Mistral and Llama runs); the
             logged rewards are orpo_lambda times each response's mean token log-prob, as TRL logs them.
+        nll_on_prompt: the NLL term also counts the chosen rows' prompt tokens: the token mean over every token of
+            the chosen rows after the first, as TRL's ORPOTrainer computes it (one forward pass, as without it).
+            False (default): the chosen completions' tokens only, as ORPO's paper (eq. 2) and SFT.
         Other arguments as `DPOModule` (`padding_free`, `scoring_check`, `ld_alpha`, `rpo_alpha`, ...) and
         `AlignModule`; the loss and reference settings are ORPO's own and refused.
 
@@ -33,11 +39,37 @@ class ORPOModule(DPOModule):
     `log_odds_chosen` (mean log odds ratio of chosen over rejected), in training and validation.
     """
 
-    def __init__(self, model: ModelSource, orpo_lambda: float = 0.1, **kwargs):
+    def __init__(self, model: ModelSource, orpo_lambda: float = 0.1, nll_on_prompt: bool = False, **kwargs):
         given = [name for name, default in FIXED.items() if kwargs.pop(name, default) != default]
         if given:
             raise ValueError(f"ORPOModule sets {', '.join(given)} itself (ORPO is NLL + lambda * odds ratio)")
         if orpo_lambda <= 0:
             raise ValueError(f"orpo_lambda must be positive, got {orpo_lambda}")
         super().__init__(model, beta=orpo_lambda, loss_type=["sft", "orpo"], loss_weights=[1.0, orpo_lambda], **kwargs)
-        self.orpo_lambda = orpo_lambda
+        self.orpo_lambda, self.nll_on_prompt = orpo_lambda, nll_on_prompt
+        if nll_on_prompt and (self.ld_alpha is not None or self.use_weighting or self.rpo_alpha):
+            raise ValueError("nll_on_prompt=True (TRL's ORPO NLL) does not combine with ld_alpha, WPO or rpo_alpha")
+
+    def preference_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        if not self.nll_on_prompt:
+            return super().preference_step(batch)
+        # One forward scoring every token of the chosen rows (for the NLL) and the completions of all rows.
+        pairs = len(batch["labels"]) // 2
+        labels = batch["labels"].clone()
+        labels[:pairs] = batch["input_ids"][:pairs].masked_fill(batch["attention_mask"][:pairs] == 0, -100)
+        scored = {**batch, "labels": labels}
+        logps, rows = plan_token_logps(self.model, scored, self.scoring_plan(self.model, scored))
+        order = torch.sort(rows, stable=True).indices
+        logps, rows = logps[order], rows[order]
+        counted = (labels[:, 1:] != -100).sum(-1)
+        completion = (batch["labels"][:, 1:] != -100).sum(-1)
+        position = torch.arange(len(rows), device=rows.device) - (counted.cumsum(0) - counted)[rows]
+        in_completion = position >= (counted - completion)[rows]  # a row's completion ends its scored tokens
+        sums = torch.zeros(len(labels), dtype=logps.dtype, device=logps.device)
+        sums = sums.index_add(0, rows, logps * in_completion)
+        lengths = completion.clamp(min=1)
+        metrics = self.objective(sums, lengths, None)
+        chosen = rows < pairs
+        nll = -logps[chosen].sum() / chosen.sum().clamp(min=1)
+        metrics["loss"] = metrics["loss"] - self.objective.chosen_nll(sums, lengths) + nll
+        return metrics

@@ -28,6 +28,8 @@ class RewardModule(AlignModule):
             the score head applied at each row's last token, where the model allows it (a Hugging Face sequence
             classifier with a `score` head whose attention packs; see `scoring_check`).
         scoring_check, disable_dropout: as `DPOModule` (dropout makes the chosen and rejected scores noisy).
+        center_rewards_coefficient: weight of the reward-centring term c mean((r+ + r-)^2) (TRL's name; its
+            docs suggest 0.01); 0 (default) leaves it out. `val/loss` is the pairwise loss alone.
         others: as `AlignModule`.
     """
 
@@ -43,12 +45,16 @@ class RewardModule(AlignModule):
         padding_free: bool = True,
         scoring_check: str = "fallback",
         disable_dropout: bool = True,
+        center_rewards_coefficient: float = 0.0,
         **kwargs,
     ):
+        if center_rewards_coefficient < 0:
+            raise ValueError(f"center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
         super().__init__(model, **kwargs)
         self.padding_free = padding_free
         self.scoring = Scoring(scoring_check)
         self.disable_dropout = disable_dropout
+        self.center_rewards_coefficient = center_rewards_coefficient
         self.val_loss, self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
 
     def load_model(self, name_or_path: str | None = None, **kwargs) -> nn.Module:
@@ -77,7 +83,8 @@ class RewardModule(AlignModule):
     def reward_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The pairwise loss of a preference batch and the rewards of its chosen and rejected halves."""
         chosen, rejected = self.rewards(batch)
-        return pairwise_reward_loss(chosen, rejected, batch.get("margin")), chosen, rejected
+        loss = pairwise_reward_loss(chosen, rejected, batch.get("margin"), self.center_rewards_coefficient)
+        return loss, chosen, rejected
 
     def step_loss(self, batch: dict) -> torch.Tensor:
         return self.reward_step(batch)[0]

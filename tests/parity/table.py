@@ -6,6 +6,22 @@ from __future__ import annotations
 
 # (TRL trainer and field, lightning-align equivalent, verdict, parity cases "module::case")
 ROWS = [
+    (
+        "SFTConfig",
+        "loss_type='nll', completion_only_loss",
+        "SFTModule (completion tokens only by default)",
+        "equal (the token mean of a micro-batch; under accumulation every token of the step weighs the same, as "
+        "TRL's num_items_in_batch)",
+        ["sft_reward::sft loss equals trl"],
+    ),
+    ("RewardConfig", "(the pairwise loss), margin column", "RewardModule", "equal", ["sft_reward::reward loss"]),
+    (
+        "RewardConfig",
+        "center_rewards_coefficient",
+        "RewardModule(center_rewards_coefficient=)",
+        "equal",
+        ["sft_reward::reward loss"],
+    ),
     ("DPOConfig", "beta, loss_type=['sigmoid']", "DPOModule(beta=, loss_type='sigmoid')", "equal", ["dpo::sigmoid"]),
     *[
         ("DPOConfig", f"loss_type=['{kind}']", f"DPOModule(loss_type='{kind}')", "equal", [f"dpo::{kind}"])
@@ -136,11 +152,11 @@ ROWS = [
     (
         "ORPOConfig (experimental)",
         "beta (lambda)",
-        "ORPOModule(orpo_lambda=)",
-        "differs: our NLL term is the token mean over the chosen completions' tokens (ORPO's paper, eq. 2); TRL's "
-        "also counts the prompt's tokens. The odds-ratio term and its metrics (`log_odds_ratio`, "
-        "`log_odds_chosen`) are TRL's",
-        [],
+        "ORPOModule(orpo_lambda=, nll_on_prompt=True)",
+        "differs by default: our NLL term is the token mean over the chosen completions' tokens (ORPO's paper, "
+        "eq. 2); TRL's also counts the prompt's. `nll_on_prompt=True` gives TRL's. The odds-ratio term and its "
+        "metrics (`log_odds_ratio`, `log_odds_chosen`, rewards) are TRL's",
+        ["orpo::orpo with the prompt in its nll equals trl", "orpo::orpo default nll counts the completion only"],
     ),
 ]
 
@@ -154,6 +170,7 @@ DEFAULTS = [
     ("max_grad_norm", "1.0", "Lightning clips only when asked", "`trainer.gradient_clip_val: 1.0` (every config)"),
     ("gradient_checkpointing", "True", "False", "`gradient_checkpointing=True`"),
     ("RLOOConfig.num_generations / beta", "2 / 0.05", "RLOOModule: the same", ""),
+    ("ORPOTrainer's NLL", "prompt and completion tokens", "completion tokens", "`nll_on_prompt=True`"),
 ]
 
 HEADER = """# Coming from TRL
