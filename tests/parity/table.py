@@ -160,6 +160,65 @@ ROWS = [
     ),
 ]
 
+# Settings that are not losses: (TRL, ours, note). Trainer and data module settings are YAML keys
+# `trainer.<name>` and `data.init_args.<name>`.
+GENERAL = [
+    ("`model`, `model_init_kwargs`", "`SFTModule(model=...)` (`policy=` for PPO), `torch_dtype=`", ""),
+    (
+        "`learning_rate`, `weight_decay`, `adam_beta1/2`",
+        "`learning_rate`, `weight_decay`, `betas`",
+        "no weight decay on biases and norms",
+    ),
+    (
+        '`lr_scheduler_type="linear"`, `warmup_steps`',
+        "`warmup_steps`, then cosine to `learning_rate * min_lr_ratio`",
+        "TRL decays linearly by default",
+    ),
+    (
+        "`max_grad_norm=1.0`",
+        "`L.Trainer(gradient_clip_val=1.0)` (every example config sets it); PPO: `max_grad_norm=1.0`",
+        "Lightning does not clip unless asked",
+    ),
+    (
+        "`per_device_train_batch_size`, `gradient_accumulation_steps`",
+        "data module `batch_size`, `L.Trainer(accumulate_grad_batches=)`",
+        "",
+    ),
+    (
+        "`max_steps`, `num_train_epochs`, `bf16`, `gradient_checkpointing`",
+        '`L.Trainer(max_steps=, max_epochs=, precision="bf16-mixed")`, `gradient_checkpointing=True`',
+        "",
+    ),
+    (
+        '`max_length`, `truncation_mode="keep_end"`',
+        'data module `max_length`, `truncation="left"`',
+        "we drop prompt tokens (keeping a quarter of `max_length`) and never cut a response: "
+        "a row that still does not fit is dropped and counted",
+    ),
+    (
+        "`packing`, `completion_only_loss`, `assistant_only_loss`",
+        "`SFTDataModule(packing=True)`; completion / assistant tokens only by default "
+        "(`train_on_prompt=True` scores all)",
+        "",
+    ),
+    (
+        "`precompute_ref_log_probs`, `ref_model`",
+        "`precompute_ref_logps` (and `ref_cache_dir` to keep them on disk), `ref_model`",
+        "",
+    ),
+    ("`disable_dropout=True`", "`disable_dropout=True`", "DPO, ORPO, reward model, PPO and GRPO"),
+    (
+        "`peft_config=LoraConfig(...)`",
+        "`LoRA(r=, alpha=, dropout=, target_modules=)` callback, `QLoRA(...)` for 4-bit",
+        "",
+    ),
+    (
+        "shuffled training data",
+        "`shuffle=True` (a seeded order per epoch, the same after a resume); `shuffle=False` keeps the file's order",
+        "",
+    ),
+]
+
 # Settings whose default differs (what a script that sets nothing gets).
 DEFAULTS = [
     ("GRPOConfig.loss_type", "'dapo'", "GRPOModule(loss_aggregation='grpo')", "the GRPO paper's per-sequence mean"),
@@ -180,7 +239,8 @@ trainers (their `_compute_loss` on their collators' batches, or on constructed r
 token ids, policy and reference, and asserts equal losses (1e-5), gradients and logged metrics, or the documented
 difference and that its switch removes it. A TRL release that changes a definition fails the suite.
 
-Every argument below is also a YAML key of `lightning-align fit --config`: `model.init_args.<argument>`.
+Every module argument below is also a YAML key of `lightning-align fit --config`: `model.init_args.<argument>`
+(trainer settings: `trainer.<name>`; data module settings: `data.init_args.<name>`).
 
 | TRL | field | lightning-align | verdict | proven by |
 |---|---|---|---|---|
@@ -191,6 +251,8 @@ def markdown() -> str:
     lines = [HEADER.rstrip("\n")]
     for trainer, field, ours, verdict, cases in ROWS:
         lines.append(f"| {trainer} | `{field}` | `{ours}` | {verdict} | {', '.join(cases)} |")
+    lines += ["", "## Settings that are not losses", "", "| TRL | lightning-align | note |", "|---|---|---|"]
+    lines += [f"| {theirs} | {ours} | {note} |" for theirs, ours, note in GENERAL]
     lines += ["", "## Defaults that differ", "", "| TRL | TRL's default | ours | to get TRL's |", "|---|---|---|---|"]
     lines += [f"| {name} | {theirs} | {ours} | {switch} |" for name, theirs, ours, switch in DEFAULTS]
     return "\n".join(lines) + "\n"
