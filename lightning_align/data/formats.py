@@ -25,6 +25,9 @@ def text_field(row: Row, field: str, allow_empty: bool = False) -> str:
 
 
 def chat_messages(row: Row, field: str) -> list[dict]:
+    """A row's message list, checked: roles, string contents, and tool calls as TRL and OpenAI write them
+    (an assistant message with `tool_calls` [{"type": "function", "function": {"name", "arguments"}}], its
+    content possibly empty, then `tool` messages with the results)."""
     messages = row.fields.get(field)
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{row.where(field)}: expected a non-empty list of {{'role', 'content'}} messages")
@@ -34,21 +37,46 @@ def chat_messages(row: Row, field: str) -> list[dict]:
             raise DataError(f"{where}: expected an object with string 'role' and 'content'")
         if message["role"] not in CHAT_ROLES:
             raise DataError(f"{where}: unknown role '{message['role']}'; roles are {', '.join(CHAT_ROLES)}")
-        if "tool_calls" in message or message["role"] == "tool":
-            raise DataError(
-                f"{where}: tool calls and tool results are not supported in training rows yet; leave the rows that "
-                "use tools out (or write the call into the assistant's 'content' as text)"
-            )
-        if not isinstance(message.get("content"), str):
-            raise DataError(f"{where}: 'content' must be a string, got {type(message.get('content')).__name__}")
-        if message["role"] == "assistant" and not message["content"].strip():
+        calls = message.get("tool_calls")
+        if calls is not None:
+            check_tool_calls(calls, message["role"], where)
+        content = message.get("content")
+        if calls and content is None:
+            content = message["content"] = ""
+        if not isinstance(content, str):
+            raise DataError(f"{where}: 'content' must be a string, got {type(content).__name__}")
+        if message["role"] == "assistant" and not content.strip() and not calls:
             raise DataError(f"{where}: assistant message is empty")
     return messages
 
 
+def check_tool_calls(calls, role: str, where: str) -> None:
+    if role != "assistant":
+        raise DataError(f"{where}: only assistant messages make tool calls, not {role!r} ones")
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{where}: 'tool_calls' must be a non-empty list")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DataError(
+                f"{where}.tool_calls[{j}]: expected {{'type': 'function', 'function': {{'name': ..., 'arguments': "
+                "{...}}}}}"
+            )
+        if not isinstance(function.get("arguments", {}), (dict, str)):
+            raise DataError(f"{where}.tool_calls[{j}].function.arguments: expected an object (or a JSON string)")
+
+
+def row_tools(row: Row) -> list[dict] | None:
+    """The row's `tools` field (JSON schemas of the functions the template lists to the model), if any."""
+    tools = row.fields.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise DataError(f"{row.where('tools')}: expected a list of function schemas (objects)")
+    return tools
+
+
 def render_chat(messages: list[dict], tokenizer, row: Row, scored_from: int = 0) -> Segments:
-    """Split a rendered chat into segments: each assistant reply from message `scored_from` on is scored,
-    everything else not.
+    """Split a rendered chat into segments: each assistant reply from message `scored_from` on is scored (its tool
+    calls included), everything else not (tool results among it).
 
     Renders every prefix of the conversation with the tokenizer's own template, so any template works: the
     reply is the text the template adds after the generation prompt, up to and including its first end-of-turn
@@ -57,6 +85,8 @@ def render_chat(messages: list[dict], tokenizer, row: Row, scored_from: int = 0)
     """
     segments: Segments = []
     done = ""
+    tools = row_tools(row)
+    render = {"tools": tools} if tools else {}
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < scored_from:
             continue
@@ -65,15 +95,18 @@ def render_chat(messages: list[dict], tokenizer, row: Row, scored_from: int = 0)
                 f"{row.where(f'messages[{i}]')}: the conversation starts with an assistant turn; a reply needs a "
                 "user (or system) message before it"
             )
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True, **render)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False, **render)
         if not before.startswith(done) or not through.startswith(before):
             raise DataError(
                 f"{row.where()}: the chat template does not render this conversation as a sequence of growing "
                 "prefixes, so assistant replies cannot be located; use prompt/completion rows instead"
             )
         reply = through[len(before) :]
-        reply = reply[: turn_end(reply, tokenizer, message["content"])]
+        if message.get("tool_calls"):
+            reply = reply[: tool_call_turn_end(reply, tokenizer, message, row, i)]
+        else:
+            reply = reply[: turn_end(reply, tokenizer, message["content"])]
         segments += [(before[len(done) :], False), (reply, True)]
         done = before + reply
     if not segments:
@@ -93,6 +126,26 @@ def turn_end(reply: str, tokenizer, content: str) -> int:
         if token and token not in starters and token in reply[after:]
     ]
     return min(ends, default=len(reply))
+
+
+def tool_call_turn_end(reply: str, tokenizer, message: dict, row: Row, index: int) -> int:
+    """Where a rendered reply with tool calls ends: after the end-of-turn marker the template closes a plain
+    assistant reply with (found by rendering one), after every call's name; the whole reply if it has none."""
+    names = [call["function"]["name"] for call in message["tool_calls"]]
+    missing = [name for name in names if name not in reply]
+    if missing:
+        raise DataError(
+            f"{row.where(f'messages[{index}]')}: the chat template does not render this message's tool calls "
+            f"({', '.join(missing)} is not in its text); pass chat_template='...' with one that renders "
+            "'tool_calls' (and 'tool' turns)"
+        )
+    probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "QZXJ"}]
+    rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+    tail = rendered[rendered.find("QZXJ") :]
+    marker = tail[4 : turn_end(tail, tokenizer, "QZXJ")].strip()
+    after = max(reply.rfind(name) + len(name) for name in names)
+    end = reply.find(marker, after) if marker else -1
+    return len(reply) if end < 0 else end + len(marker)
 
 
 def sft_segments(row: Row, tokenizer) -> Segments:

@@ -26,6 +26,18 @@ CHAT_TEMPLATE = (
     "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+# The same with tools: their schemas in a system line, each call as JSON between <tool_call> markers, results in
+# <|tool|> turns. Pass it as a data module's `chat_template` for tool-use rows.
+TOOL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|system|>tools: {{ tools | tojson }}\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|assistant|>{{ message['content'] or '' }}"
+    "{% for call in message.get('tool_calls') or [] %}<tool_call>"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}</tool_call>"
+    "{% endfor %}{{ eos_token }}"
+    "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def cache_dir() -> Path:
