@@ -1,6 +1,6 @@
-"""The package's import graph: no circle, and every import goes down the layers (losses, outputs and assets at
-the ground; then data, scoring, modules, the planner, callbacks, the CLI; the demos on top, the package root
-above them). Function-level imports count: a lazy import is still a dependency."""
+"""The package's import graph: no circle, and every import goes down the layers (losses, outputs, assets and
+environments at the ground; then data, scoring, modules, the planner, callbacks, the CLI; the demos on top, the
+package root above them). Function-level imports count: a lazy import is still a dependency."""
 
 import ast
 from pathlib import Path
@@ -9,7 +9,7 @@ import lightning_align
 
 PACKAGE = Path(lightning_align.__file__).parent
 LAYERS = [
-    ("losses", "outputs", "assets"),
+    ("losses", "outputs", "assets", "environments"),
     ("data",),
     ("scoring",),
     ("modules",),
