@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from lightning_align.environments import Tool, ToolCallParser, ToolEnvironment, ToolError
+from lightning_align.environments import EpisodeStats, Tool, ToolCallParser, ToolEnvironment, ToolError
 
 
 def add(a: int, b: int) -> int:
@@ -84,11 +84,11 @@ def test_a_configured_pattern_reads_other_formats_and_must_name_its_groups():
 
 def episode(environment, replies, row=None):
     """Play the policy's replies against the environment; the turns it answered."""
-    environment.reset(row or {"answer": "42"}, episode=7)
+    environment.stats = EpisodeStats(episode=7)
     messages, turns = [{"role": "user", "content": "12+30?"}], []
     for reply in replies:
         messages.append({"role": "assistant", "content": reply})
-        turn = environment.step(messages, [])
+        turn = environment.step(row or {"answer": "42"}, messages, [], environment.stats)
         turns.append(turn)
         messages += turn.messages
         if turn.done:

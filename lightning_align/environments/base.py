@@ -29,8 +29,9 @@ class Turn:
 
 @dataclass
 class EpisodeStats:
-    """What one episode did, for the rollout's metrics."""
+    """What one episode did, for the rollout's metrics (and its number in the rollout batch, for messages)."""
 
+    episode: int = 0
     turns: int = 0
     tool_calls: int = 0
     malformed_calls: int = 0
@@ -39,17 +40,16 @@ class EpisodeStats:
 
 
 class Environment:
-    """The interface of a multi-turn environment: `reset` at an episode's start with its prompt row, then `step`
-    after every policy turn with the conversation so far (messages, the last one the policy's) and its token ids.
-    `max_turns` and `max_tokens` bound an episode (the rollout cuts it there and counts it)."""
+    """The interface of a multi-turn environment: `step` after every policy turn, with the episode's prompt row
+    (its fields: a verifier's answer), the conversation so far (messages, the last one the policy's), its token
+    ids and the episode's `EpisodeStats` to count into. `max_turns` and `max_tokens` bound an episode: the rollout
+    cuts it there, counts it, and gives it `cut_reward` (None: the reward abstains, so it teaches nothing)."""
 
     max_turns: int = 4
     max_tokens: int = 512
+    cut_reward: float | None = None
 
-    def reset(self, row: dict, episode: int) -> None:
-        self.row, self.episode, self.stats = row, episode, EpisodeStats()
-
-    def step(self, messages: list[dict], token_ids: Sequence[int]) -> Turn:
+    def step(self, row: dict, messages: list[dict], token_ids: Sequence[int], stats: EpisodeStats) -> Turn:
         raise NotImplementedError
 
 
@@ -62,7 +62,7 @@ class ToolEnvironment(Environment):
             chat template's `tools`.
         reward: the episode's score from the prompt row and the whole conversation (None abstains).
         parser: where calls are in the text (`ToolCallParser`: JSON between <tool_call> markers by default).
-        max_turns, max_tokens: the episode's limits.
+        max_turns, max_tokens, cut_reward: the episode's limits and the reward of an episode cut by them.
         on_error: a tool that raises, hangs past `timeout` or returns no text, or a call of an unknown tool:
             "penalty" ends the episode with reward `error_penalty` (the error is counted and kept in the episode's
             stats), "raise" stops the run with `ToolError` naming the tool and the episode.
@@ -77,6 +77,7 @@ class ToolEnvironment(Environment):
         parser: ToolCallParser | None = None,
         max_turns: int = 4,
         max_tokens: int = 512,
+        cut_reward: float | None = None,
         on_error: str = "penalty",
         error_penalty: float = -1.0,
         timeout: float = 10.0,
@@ -88,31 +89,31 @@ class ToolEnvironment(Environment):
         self.tools = {tool.name: tool for tool in (t if isinstance(t, Tool) else Tool(t, timeout) for t in tools)}
         self.reward = reward
         self.parser = parser or ToolCallParser()
-        self.max_turns, self.max_tokens = max_turns, max_tokens
+        self.max_turns, self.max_tokens, self.cut_reward = max_turns, max_tokens, cut_reward
         self.on_error, self.error_penalty = on_error, error_penalty
 
     @property
     def schemas(self) -> list[dict]:
         return [tool.schema for tool in self.tools.values()]
 
-    def step(self, messages: list[dict], token_ids: Sequence[int]) -> Turn:
-        self.stats.turns += 1
+    def step(self, row: dict, messages: list[dict], token_ids: Sequence[int], stats: EpisodeStats) -> Turn:
+        stats.turns += 1
         parsed = self.parser.parse(messages[-1].get("content") or "")
-        self.stats.malformed_calls += len(parsed.malformed)
+        stats.malformed_calls += len(parsed.malformed)
         if not parsed.calls:  # the policy answered: the episode is over
-            return Turn(done=True, reward=self.reward(self.row, messages))
+            return Turn(done=True, reward=self.reward(row, messages))
         results = []
         for call in parsed.calls:
-            self.stats.tool_calls += 1
+            stats.tool_calls += 1
             try:
                 tool = self.tools.get(call.name)
                 if tool is None:
                     known = ", ".join(self.tools) or "none"
-                    raise ToolError(f"episode {self.episode} called unknown tool {call.name!r} (tools: {known})")
-                results.append({"role": "tool", "name": call.name, "content": tool(call.arguments, self.episode)})
+                    raise ToolError(f"episode {stats.episode} called unknown tool {call.name!r} (tools: {known})")
+                results.append({"role": "tool", "name": call.name, "content": tool(call.arguments, stats.episode)})
             except ToolError as error:
                 if self.on_error == "raise":
                     raise
-                self.stats.tool_errors.append(str(error))
+                stats.tool_errors.append(str(error))
                 return Turn(done=True, reward=self.error_penalty)
         return Turn(done=False, messages=results)

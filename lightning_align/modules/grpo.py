@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lightning_align.environments import Environment
 from lightning_align.losses import (
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_AGGREGATIONS,
@@ -22,11 +23,17 @@ from lightning_align.losses import (
     rloo_advantages,
 )
 from lightning_align.modules.base import ModelSource
+from lightning_align.modules.episodes import episode_metrics, sample_episodes
 from lightning_align.modules.online import OnlineRLModule
 from lightning_align.modules.rewards import RewardSource
 from lightning_align.modules.signal import GroupBuffer, LearningSignal, groups_with_spread
 
 ADVANTAGES = ("grpo", "rloo", "reinforce++")
+
+
+def scored_by_the_environment(prompts, completions):
+    """The reward source of a module whose environment scores the episodes; never called."""
+    raise RuntimeError("the environment scores these episodes; reward functions are not called")
 
 
 def normalized(advantages: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
@@ -74,6 +81,11 @@ class GRPOModule(OnlineRLModule):
             and Dr. GRPO's finding), 0.01 for REINFORCE++.
         mask_truncated_completions: leave completions that hit `max_new_tokens` without EOS out of the loss
             (DAPO's overlong filtering).
+        environment: multi-turn, tool-using episodes instead of single completions (`environments.Environment`,
+            e.g. `ToolEnvironment([calculator], reward=...)`): the policy's turns end at EOS or a tool call's end,
+            the environment's answers are appended, and only the policy's own tokens are trained on and counted in
+            the KL and the normalisation (`modules.episodes`). The environment scores the episodes: leave
+            `rewards` out. `max_new_tokens` is per turn.
         dynamic_sampling: DAPO's dynamic sampling: groups whose samples all got the same reward (zero advantage)
             are dropped, and the rollout batch is filled with the groups of the next prompts before learning.
         max_batches_without_signal: stop with an error after this many rollout batches in a row without a
@@ -90,7 +102,7 @@ class GRPOModule(OnlineRLModule):
     def __init__(
         self,
         policy: ModelSource,
-        rewards: RewardSource | Sequence[RewardSource],
+        rewards: RewardSource | Sequence[RewardSource] | None = None,
         advantage: str = "grpo",
         num_generations: int = 8,
         scale_rewards: str = "group",
@@ -109,6 +121,7 @@ class GRPOModule(OnlineRLModule):
         beta: float | None = None,
         mask_truncated_completions: bool = False,
         dynamic_sampling: bool = False,
+        environment: Environment | None = None,
         max_batches_without_signal: int | None = 10,
         reward_weights: list[float] | None = None,
         reward_aggregation: str = "sum_then_normalize",
@@ -124,6 +137,10 @@ class GRPOModule(OnlineRLModule):
             raise ValueError(f"unknown scale_rewards {scale_rewards!r}; valid: {', '.join(SCALE_REWARDS)}")
         if loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(f"unknown loss_aggregation {loss_aggregation!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
+        if (rewards is None) == (environment is None):
+            raise ValueError("give rewards (functions or reward models) or an environment that scores its episodes")
+        if environment is not None:
+            rewards = scored_by_the_environment
         if policy_loss not in POLICY_LOSSES:
             raise ValueError(f"unknown policy_loss {policy_loss!r}; valid: {', '.join(POLICY_LOSSES)}")
         if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
@@ -172,6 +189,7 @@ class GRPOModule(OnlineRLModule):
         if dynamic_sampling and num_generations < 2:
             raise ValueError("dynamic_sampling keeps the groups whose samples differ: num_generations must be >= 2")
         self.dynamic_sampling = dynamic_sampling
+        self.environment = environment
         self.signal = LearningSignal(max_batches_without_signal)
         self.kept_groups = GroupBuffer()
 
@@ -198,8 +216,15 @@ class GRPOModule(OnlineRLModule):
         return self.num_iterations > 1 or (self.minibatch_size or samples) < samples
 
     @torch.no_grad()
+    def sample_rollout(self, batch: dict, greedy: bool = False) -> dict:
+        """The rollout batch's samples: one completion each, or multi-turn episodes with an environment."""
+        if self.environment is not None:
+            return sample_episodes(self, batch, self.environment, 1 if greedy else self.num_generations, greedy)
+        return self.sample(batch, self.num_generations)
+
+    @torch.no_grad()
     def rollout(self, batch: dict) -> dict:
-        return self.scored_rollout(self.sample(batch, self.num_generations))
+        return self.scored_rollout(self.sample_rollout(batch))
 
     def with_signal(self, rollout: dict) -> tuple[dict | None, float]:
         """The rollout to learn from (with dynamic sampling: the kept groups once they fill a batch, else None)
@@ -323,7 +348,7 @@ class GRPOModule(OnlineRLModule):
         return self.minibatch_loss(rollout, slice(None), rollout["loss_mask"].sum())[0]
 
     def training_step(self, batch, batch_idx):
-        rollout, zero_std = self.with_signal(self.sample(batch, self.num_generations))
+        rollout, zero_std = self.with_signal(self.sample_rollout(batch))
         if rollout is None:  # dynamic sampling: not yet a batch of groups with spread
             return
         rollout = self.scored_rollout(rollout)
@@ -335,6 +360,8 @@ class GRPOModule(OnlineRLModule):
                 stats[name if name in ("loss", "entropy") else f"policy/{name}"] = learned[name]
         if "kl" in learned or "kl" in rollout:
             stats["kl"] = learned.get("kl", rollout.get("kl"))
+        if "episode_stats" in rollout:
+            stats |= episode_metrics(rollout)
         stats["groups/zero_std"] = zero_std  # of the batch just sampled (dynamic sampling learns on kept groups)
         stats |= {
             "time/generate": rollout["time/generate"],
@@ -343,3 +370,9 @@ class GRPOModule(OnlineRLModule):
             "time/learn": time.perf_counter() - learning,
         }
         self.log_rollout(stats, len(rollout["sequences"]))
+
+    def validation_step(self, batch, batch_idx):
+        if self.environment is None:
+            return super().validation_step(batch, batch_idx)
+        reward = self.sample_rollout(batch, greedy=True)["reward"]  # greedy episodes, scored by the environment
+        self.val_reward.update(reward[~reward.isnan()])

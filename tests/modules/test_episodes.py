@@ -1,0 +1,100 @@
+"""Multi-turn rollouts: tokens from the environment are never trained on (the episode mask), the loss and its
+gradients equal a naive loop over each turn's own forward pass, the sampler's log-probs are the policy's, and
+episodes of one batch end at different turns."""
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_align import GRPOModule
+from lightning_align.environments import Environment, Turn
+from lightning_align.modules.episodes import episode_metrics, sample_episodes
+from tests.conftest import TEST_SEED, ready, task_prompts
+
+
+class Scripted(Environment):
+    """Answers every turn with a tool message; an episode ends after as many turns as its prompt's row number
+    allows (1 to 3), so the episodes of a batch end at different turns."""
+
+    max_turns, max_tokens = 3, 96
+
+    def step(self, row, messages, token_ids, stats):
+        stats.turns += 1
+        if stats.turns >= 1 + stats.episode % 3:
+            return Turn(done=True, reward=float(len(messages[-1]["content"]) % 5))
+        return Turn(done=False, messages=[{"role": "tool", "content": f"result {stats.turns}"}])
+
+
+@pytest.fixture
+def episodes(tiny_model, task_files, tmp_path):
+    L.seed_everything(TEST_SEED)
+    dm = task_prompts(tiny_model, task_files, batch_size=3)
+    dm.setup("fit")
+    module = GRPOModule(tiny_model, environment=Scripted(), num_generations=2, max_new_tokens=5)
+    ready(module, [], tmp_path)
+    rollout = sample_episodes(module, dm.collate(dm.train_set[:3]), module.environment, 2)
+    return module, rollout
+
+
+def turn_spans(mask_row):
+    """(start, end) of each run of sampled tokens in a response."""
+    spans, start = [], None
+    for t, sampled in enumerate(mask_row.tolist() + [0]):
+        if sampled and start is None:
+            start = t
+        elif not sampled and start is not None:
+            spans.append((start, t))
+            start = None
+    return spans
+
+
+def test_environment_tokens_are_masked_and_episodes_end_at_different_turns(episodes):
+    module, rollout = episodes
+    stats = rollout["episode_stats"]
+    assert sorted({s.turns for s in stats}) == [1, 2, 3]
+    prompt = rollout["prompt_length"]
+    for i, s in enumerate(stats):
+        responses = rollout["sequences"][i, prompt:]
+        real = rollout["attention_mask"][i, prompt:].bool()
+        mask = rollout["mask"][i]
+        assert len(turn_spans(mask)) == s.turns  # one sampled run per policy turn
+        environment_text = module.tokenizer.decode(responses[real & (mask == 0)])
+        assert environment_text.count("<|tool|>result") == s.turns - 1  # tool results: never in the mask
+        assert "<|tool|>" not in module.tokenizer.decode(responses[mask.bool()])
+    metrics = episode_metrics(rollout)
+    assert metrics["tokens/environment"] > 0 and metrics["episodes/turns"] == pytest.approx(2.0)
+
+
+def test_sampled_logprobs_are_the_policys_given_the_whole_episode(episodes):
+    module, rollout = episodes
+    logprobs, _ = module.response_logps(module.model, rollout)
+    mask = rollout["mask"].bool()
+    torch.testing.assert_close(rollout["sampled_logprobs"][mask], logprobs[mask], rtol=1e-4, atol=1e-4)
+
+
+def test_the_masked_loss_and_gradients_equal_a_naive_loop_over_turns(episodes):
+    module, rollout = episodes
+    rollout["advantages"] = torch.linspace(-1.0, 1.0, len(rollout["reward"]))
+    rollout["loss_mask"] = rollout["mask"]
+    loss, _ = module.minibatch_loss(rollout, slice(None), rollout["mask"].sum())
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in module.model.named_parameters()}
+    module.model.zero_grad(set_to_none=True)
+
+    prompt, per_episode = rollout["prompt_length"], []
+    for i in range(len(rollout["reward"])):
+        row = rollout["sequences"][i]
+        start = int((rollout["attention_mask"][i, :prompt] == 0).sum())  # the prompt's left padding
+        terms = []
+        for a, b in turn_spans(rollout["mask"][i]):  # each turn: its own forward on what came before it
+            ids = row[start : prompt + b][None]
+            logits = module.model(input_ids=ids).logits[0, prompt - start + a - 1 : prompt - start + b - 1]
+            logps = torch.log_softmax(logits.float(), -1).gather(-1, row[prompt + a : prompt + b, None]).squeeze(-1)
+            terms.append(-rollout["advantages"][i] * torch.exp(logps - logps.detach()))
+        tokens = torch.cat(terms)
+        per_episode.append(tokens.sum() / len(tokens))
+    naive = torch.stack(per_episode).mean()
+    naive.backward()
+    torch.testing.assert_close(loss, naive, rtol=1e-5, atol=1e-6)
+    for name, parameter in module.model.named_parameters():
+        torch.testing.assert_close(ours[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
