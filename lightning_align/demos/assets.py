@@ -12,13 +12,15 @@ from pathlib import Path
 
 from lightning_align.assets import register_data, register_model
 from lightning_align.data.sources import DataError
+from lightning_align.demos.calculator import write_calculator_data
 from lightning_align.demos.tasks import write_task_data
 from lightning_align.demos.tiny import cache_dir, tiny_model_path
 
 DEMO_MODEL = "lightning-align/tiny-llama"
 DEMO_DATA_PREFIX = "demo:"
-DEMO_FILES = tuple(f"{kind}_{split}" for kind in ("sft", "preference", "prompts") for split in ("train", "val"))
-DATA_VERSION = "v1"
+KINDS = ("sft", "preference", "prompts", "calculator_sft", "calculator_prompts")
+DEMO_FILES = tuple(f"{kind}_{split}" for kind in KINDS for split in ("train", "val"))
+DATA_VERSION = "v2"
 
 
 def demo_data_file(name: str) -> str:
@@ -31,6 +33,7 @@ def demo_data_file(name: str) -> str:
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".demo-data-"))
         write_task_data(staging, verbose_share=0.5)
+        write_calculator_data(staging)
         try:
             os.rename(staging, folder)  # atomic: concurrent first uses see the whole folder or none
         except OSError:

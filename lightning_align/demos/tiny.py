@@ -15,20 +15,13 @@ from pathlib import Path
 import torch
 
 # Bump when the tokenizer or model config changes, so old caches are not reused.
-TINY_MODEL_VERSION = "v1"
+TINY_MODEL_VERSION = "v2"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHARACTERS = string.ascii_letters + string.digits + string.punctuation + " \n"
 
-# Assistant turns end with EOS; the template adds BOS itself, so callers must not add it again.
+# Assistant turns end with EOS; the template adds BOS itself, so callers must not add it again. With tools, their
+# schemas go in a system line, each call as JSON between <tool_call> markers, results in <|tool|> turns.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}{{ eos_token }}"
-    "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-# The same with tools: their schemas in a system line, each call as JSON between <tool_call> markers, results in
-# <|tool|> turns. Pass it as a data module's `chat_template` for tool-use rows.
-TOOL_CHAT_TEMPLATE = (
     "{{ bos_token }}{% if tools %}<|system|>tools: {{ tools | tojson }}\n{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}<|assistant|>{{ message['content'] or '' }}"
@@ -38,6 +31,7 @@ TOOL_CHAT_TEMPLATE = (
     "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+TOOL_CHAT_TEMPLATE = CHAT_TEMPLATE  # the tiny model's own template renders tool calls
 
 
 def cache_dir() -> Path:

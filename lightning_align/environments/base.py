@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from lightning_align.environments.tools import Tool, ToolCallParser, ToolError
+from lightning_align.environments.tools import Tool, ToolCallParser, ToolError, resolve_function
 
 ON_ERROR = ("penalty", "raise")
 
@@ -58,9 +58,10 @@ class ToolEnvironment(Environment):
     appended as `tool` messages; a turn without a call ends the episode, scored by `reward(row, messages)`.
 
     Args:
-        tools: functions with typed arguments and a docstring (or `Tool`s); their schemas are `schemas`, for the
-            chat template's `tools`.
-        reward: the episode's score from the prompt row and the whole conversation (None abstains).
+        tools: functions with typed arguments and a docstring (or `Tool`s, or import paths
+            "package.module:function" in YAML); their schemas are `schemas`, for the chat template's `tools`.
+        reward: the episode's score from the prompt row and the whole conversation (None abstains); a function
+            or its import path.
         parser: where calls are in the text (`ToolCallParser`: JSON between <tool_call> markers by default).
         max_turns, max_tokens, cut_reward: the episode's limits and the reward of an episode cut by them.
         on_error: a tool that raises, hangs past `timeout` or returns no text, or a call of an unknown tool:
@@ -72,8 +73,8 @@ class ToolEnvironment(Environment):
 
     def __init__(
         self,
-        tools: Sequence[Callable | Tool],
-        reward: Callable[[dict, list[dict]], float | None],
+        tools: Sequence[Callable | Tool | str],
+        reward: Callable[[dict, list[dict]], float | None] | str,
         parser: ToolCallParser | None = None,
         max_turns: int = 4,
         max_tokens: int = 512,
@@ -87,7 +88,7 @@ class ToolEnvironment(Environment):
         if max_turns < 1 or max_tokens < 1:
             raise ValueError("max_turns and max_tokens must be at least 1")
         self.tools = {tool.name: tool for tool in (t if isinstance(t, Tool) else Tool(t, timeout) for t in tools)}
-        self.reward = reward
+        self.reward = resolve_function(reward, "reward")
         self.parser = parser or ToolCallParser()
         self.max_turns, self.max_tokens, self.cut_reward = max_turns, max_tokens, cut_reward
         self.on_error, self.error_penalty = on_error, error_penalty

@@ -4,6 +4,7 @@ errors that name the tool and the episode."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import threading
@@ -85,6 +86,19 @@ class ToolCallParser:
             parsed.calls.append(ToolCall(name, arguments, text))
 
 
+def resolve_function(value: Callable | str, what: str) -> Callable:
+    """A function given as itself or as its import path `"package.module:function"` (for YAML configs)."""
+    if callable(value):
+        return value
+    module_name, _, name = str(value).partition(":")
+    if not name:
+        raise ValueError(f"{what} {value!r} is neither a function nor 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"{what} {value!r} could not be imported: {error}") from None
+
+
 class Tool:
     """A plain Python function offered to the policy as a tool.
 
@@ -93,9 +107,10 @@ class Tool:
     call (the function runs in a daemon thread; one that hangs is abandoned, not killed).
     """
 
-    def __init__(self, function: Callable, timeout: float = 10.0):
+    def __init__(self, function: Callable | str, timeout: float = 10.0):
         from transformers.utils import get_json_schema
 
+        function = resolve_function(function, "tool")
         self.function = function
         self.name = function.__name__
         self.timeout = timeout

@@ -22,6 +22,14 @@ CHAT = (
 )
 
 
+# Renders each message's content only, so an assistant's tool calls are lost.
+WITHOUT_TOOL_CALLS = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] or '' }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def user(text):
     return {"role": "user", "content": text}
 
@@ -66,7 +74,7 @@ def test_tool_calls_a_template_does_not_render_are_refused_with_what_to_do(tiny_
     rows = [{"messages": [user("add: 1+2"), call, {"role": "tool", "content": "3"}, assistant("3")]}]
     path = write_jsonl(tmp_path / "tools.jsonl", rows)
     with pytest.raises(DataError, match=r"messages\[1\]': the chat template does not render this message's tool"):
-        setup(SFTDataModule(tiny_model, str(path)))  # the tiny model's own template writes no tool calls
+        setup(SFTDataModule(tiny_model, str(path), chat_template=WITHOUT_TOOL_CALLS))
 
 
 def test_a_json_file_holding_json_lines_is_read_as_json_lines(tiny_model, tmp_path):
