@@ -275,12 +275,24 @@ class DPOModule(AlignModule):
         ref_sums = None if self.reference_free else torch.cat(self.reference_logps(batch))
         sums = self.sequence_logps(self.model, batch)
         lengths = (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
-        metrics = self.objective(sums, lengths, ref_sums, self.bco_delta)
+        tokens = self.nll_tokens(lengths)
+        metrics = self.objective(sums, lengths, ref_sums, self.bco_delta, tokens)
         if self.use_weighting:
             metrics["loss"] = metrics["loss"] * self.pair_weights(batch)
         if self.rpo_alpha:
-            metrics["loss"] = metrics["loss"] + self.rpo_alpha * self.objective.chosen_nll(sums, lengths)
+            metrics["loss"] = metrics["loss"] + self.rpo_alpha * self.objective.chosen_nll(sums, lengths, tokens)
         return metrics
+
+    def nll_tokens(self, lengths: torch.Tensor):
+        """The token count a "tokens"-averaged NLL divides by: under several processes the global batch's chosen
+        tokens over the number of processes, so that their averaged gradients equal one process's."""
+        uses_nll = "sft" in self.loss_types or self.rpo_alpha
+        if not uses_nll or self.objective.nll_average != "tokens" or self._trainer is None:
+            return None
+        if self.trainer.world_size == 1:
+            return None
+        tokens = lengths.chunk(2)[0].sum().float()
+        return self.trainer.strategy.reduce(tokens, reduce_op="sum") / self.trainer.world_size
 
     def step_loss(self, batch: dict) -> torch.Tensor:
         return self.preference_step(batch)["loss"].mean()

@@ -21,12 +21,13 @@ FIXED = {
 
 class ORPOModule(DPOModule):
     """Odds Ratio Preference Optimization on `PreferenceDataModule` batches: the chosen responses' negative
-    log-likelihood (`nll_average`: by default the token mean over the batch's chosen tokens) plus `orpo_lambda`
-    times the odds-ratio loss
+    log-likelihood (each response's token mean, averaged over pairs, as ORPO's paper, eq. 2; `nll_on_prompt=True`
+    for TRL's) plus `orpo_lambda` times the odds-ratio loss
     -log sigmoid(log odds(y+) - log odds(y-)) on length-averaged log-probabilities (`losses.orpo_loss`). It
     starts from a base model: supervised fine-tuning and preference alignment at once, no reference pass.
 
     Args:
+        nll_average: "responses" (default, the paper's) or "tokens" (the token mean over the chosen completions).
         orpo_lambda: weight of the odds-ratio term (the paper's lambda: 0.1 for its Mistral and Llama runs); the
             logged rewards are orpo_lambda times each response's mean token log-prob, as TRL logs them.
         nll_on_prompt: the NLL term also counts the chosen rows' prompt tokens: the token mean over every token of
@@ -39,13 +40,22 @@ class ORPOModule(DPOModule):
     `log_odds_chosen` (mean log odds ratio of chosen over rejected), in training and validation.
     """
 
-    def __init__(self, model: ModelSource, orpo_lambda: float = 0.1, nll_on_prompt: bool = False, **kwargs):
+    def __init__(
+        self,
+        model: ModelSource,
+        orpo_lambda: float = 0.1,
+        nll_on_prompt: bool = False,
+        nll_average: str = "responses",
+        **kwargs,
+    ):
         given = [name for name, default in FIXED.items() if kwargs.pop(name, default) != default]
         if given:
             raise ValueError(f"ORPOModule sets {', '.join(given)} itself (ORPO is NLL + lambda * odds ratio)")
         if orpo_lambda <= 0:
             raise ValueError(f"orpo_lambda must be positive, got {orpo_lambda}")
-        super().__init__(model, beta=orpo_lambda, loss_type=["sft", "orpo"], loss_weights=[1.0, orpo_lambda], **kwargs)
+        weights = [1.0, orpo_lambda]
+        kwargs["nll_average"] = nll_average
+        super().__init__(model, beta=orpo_lambda, loss_type=["sft", "orpo"], loss_weights=weights, **kwargs)
         self.orpo_lambda, self.nll_on_prompt = orpo_lambda, nll_on_prompt
         if nll_on_prompt and (self.ld_alpha is not None or self.use_weighting or self.rpo_alpha):
             raise ValueError("nll_on_prompt=True (TRL's ORPO NLL) does not combine with ld_alpha, WPO or rpo_alpha")
@@ -68,8 +78,11 @@ class ORPOModule(DPOModule):
         sums = torch.zeros(len(labels), dtype=logps.dtype, device=logps.device)
         sums = sums.index_add(0, rows, logps * in_completion)
         lengths = completion.clamp(min=1)
-        metrics = self.objective(sums, lengths, None)
+        metrics = self.objective(sums, lengths, None)  # its "sft" term is replaced below
         chosen = rows < pairs
-        nll = -logps[chosen].sum() / chosen.sum().clamp(min=1)
+        tokens = chosen.sum().float()
+        if self._trainer is not None and self.trainer.world_size > 1:  # the global batch's token mean
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum") / self.trainer.world_size
+        nll = -logps[chosen].sum() / tokens.clamp(min=1)
         metrics["loss"] = metrics["loss"] - self.objective.chosen_nll(sums, lengths) + nll
         return metrics

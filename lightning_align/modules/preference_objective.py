@@ -108,19 +108,25 @@ class PreferenceObjective:
     def averaged(self, kind: str) -> bool:
         return kind in LENGTH_AVERAGED_LOSS_TYPES or (kind == "ipo" and self.ipo_normalize)
 
-    def chosen_nll(self, sums: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def chosen_nll(self, sums: torch.Tensor, lengths: torch.Tensor, tokens=None) -> torch.Tensor:
         """The chosen responses' negative log-likelihood, one value per pair: the token mean over all the batch's
-        chosen tokens ("tokens", as SFT and TRL), or each response's own token mean ("responses", as RPO)."""
+        chosen tokens ("tokens", as SFT and TRL; `tokens` overrides their count, e.g. the global batch's per
+        process), or each response's own token mean ("responses", as RPO)."""
         chosen, chosen_lengths = sums.chunk(2)[0], lengths.chunk(2)[0]
         if self.nll_average == "responses":
             return -chosen / chosen_lengths
-        return (-chosen.sum() / chosen_lengths.sum()).expand_as(chosen)
+        return (-chosen.sum() / (chosen_lengths.sum() if tokens is None else tokens)).expand_as(chosen)
 
     def __call__(
-        self, sums: torch.Tensor, lengths: torch.Tensor, ref_sums: torch.Tensor | None, bco_delta: float = 0.0
+        self,
+        sums: torch.Tensor,
+        lengths: torch.Tensor,
+        ref_sums: torch.Tensor | None,
+        bco_delta: float = 0.0,
+        nll_tokens=None,
     ) -> dict[str, torch.Tensor]:
         """Per-pair losses and metrics from the rows' summed log-probs [2 * pairs] (chosen rows first), their
-        scored-token counts, and the reference's sums (None when reference-free).
+        scored-token counts, and the reference's sums (None when reference-free); `nll_tokens` as `chosen_nll`'s.
 
         Logged rewards and log-probs are the first preference type's, with TRL's meaning: for the DPO family beta
         times the summed log-ratio and the summed log-probs (also where the loss averages them, as "ipo" and
@@ -130,7 +136,7 @@ class PreferenceObjective:
         for kind, weight in zip(self.loss_types, self.loss_weights):
             chosen, rejected = (means if self.averaged(kind) else sums).chunk(2)
             if kind == "sft":
-                losses = losses + weight * self.chosen_nll(sums, lengths)
+                losses = losses + weight * self.chosen_nll(sums, lengths, nll_tokens)
                 continue
             if kind == "simpo":
                 result = simpo_loss(chosen, rejected, self.beta, self.simpo_gamma, self.label_smoothing)

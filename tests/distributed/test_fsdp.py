@@ -66,10 +66,12 @@ def test_two_sharded_processes_train_like_one_with_the_same_global_batch(runs, c
     weights = {n: w for n, w in one["weights"].items() if w.is_floating_point()}
     moved = sum((w - start[n]).abs().sum() for n, w in weights.items())
     apart = sum((two["weights"][n] - w).abs().sum() for n, w in weights.items())
-    # bf16 autocast rounds every product to 8 significant bits, and a 4-row product rounds apart from an 8-row one:
-    # ten times the float32 tolerances, still far below unsynchronised replicas.
-    loose = 10 if case.endswith("bf16-mixed") else 1
-    assert two["precision"] == one["precision"] == ("MixedPrecision bf16-mixed" if loose > 1 else "Precision 32-true")
+    # bf16 products (autocast, or QLoRA's default compute_dtype) round to 8 significant bits, and a 4-row product
+    # rounds apart from an 8-row one: ten times the float32 tolerances, still far below unsynchronised replicas.
+    # (QLoRA landed 1.13e-3 of the distance moved apart on one machine, under 1e-3 on another.)
+    loose = 10 if case.endswith(("bf16-mixed", "qlora")) else 1
+    mixed = case.endswith("bf16-mixed")
+    assert two["precision"] == one["precision"] == ("MixedPrecision bf16-mixed" if mixed else "Precision 32-true")
     assert moved > 0 and apart <= 1e-3 * loose * moved
     for name, weight in weights.items():
         bound = 0.25 * loose * (weight - start[name]).abs().max() + 1e-7

@@ -228,7 +228,8 @@ def test_a_weighted_mixture_is_the_weighted_sum_of_its_losses(sft_model, task_fi
     lengths = (batch["labels"][:, 1:] != -100).sum(-1).chunk(2)
     sigmoid, chosen_rewards, _ = dpo_loss(*policy, *reference, 0.1, "sigmoid")
     bco, _, _ = dpo_loss(*policy, *reference, 0.1, "bco_pair", bco_delta=0.15)
-    expected = 0.8 * sigmoid + 0.2 * bco - 1.0 * policy[0] / lengths[0]
+    nll = -policy[0].sum() / lengths[0].sum()  # the "sft" term: the token mean over the batch's chosen tokens
+    expected = 0.8 * sigmoid + 0.2 * bco + 1.0 * nll
     torch.testing.assert_close(metrics["loss"], expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(metrics["rewards/chosen"], chosen_rewards, rtol=1e-4, atol=1e-5)  # the first type's
 

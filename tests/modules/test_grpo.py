@@ -156,7 +156,10 @@ def test_old_logprobs_and_truncated_completions(tiny_model, task_files, tmp_path
         (dict(num_generations=1), "num_generations must be >= 2"),
         (dict(advantage="rloo", scale_rewards="batch"), "does not use it"),
         (dict(reward_aggregation="normalize_then_sum", scale_rewards="none"), "has no effect with"),
-        (dict(loss_aggregation="bnpo"), "unknown loss_aggregation"),
+        (dict(loss_aggregation="tokens"), "unknown loss_aggregation"),
+        (dict(policy_loss="ppo"), "unknown policy_loss"),
+        (dict(importance_sampling_level="group"), "unknown importance_sampling_level"),
+        (dict(advantage="reinforce++", kl_in_reward=True), "reinforce"),
         (dict(reward_weights=[1.0, 2.0]), "2 reward_weights for 1 rewards"),
     ],
 )
