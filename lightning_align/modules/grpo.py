@@ -31,6 +31,12 @@ from lightning_align.modules.signal import GroupBuffer, LearningSignal, groups_w
 ADVANTAGES = ("grpo", "rloo", "reinforce++")
 
 
+def last_sampled(mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last trained position: [batch] (in an episode, tokens from the environment may follow it)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (mask.bool() * positions).argmax(-1)
+
+
 def scored_by_the_environment(prompts, completions):
     """The reward source of a module whose environment scores the episodes; never called."""
     raise RuntimeError("the environment scores these episodes; reward functions are not called")
@@ -281,7 +287,7 @@ class GRPOModule(OnlineRLModule):
         else:
             kl = kl_penalty(rollout["logprobs"], rollout["ref_logprobs"], "k1") if self.reference else 0 * mask
             token_rewards = -self.beta * kl * rollout["mask"]
-            last = rollout["mask"].sum(-1).clamp(min=1).long() - 1
+            last = last_sampled(rollout["mask"])
             token_rewards[torch.arange(samples), last] += torch.nan_to_num(reward)
             advantages = self.over_global_batch(reinforce_pp_advantages, token_rewards, rollout["mask"])
             rollout["advantages"] = torch.where(reward.isnan()[:, None], 0.0, advantages)

@@ -21,7 +21,7 @@ class Scripted(Environment):
     def step(self, row, messages, token_ids, stats):
         stats.turns += 1
         if stats.turns >= 1 + stats.episode % 3:
-            return Turn(done=True, reward=float(len(messages[-1]["content"]) % 5))
+            return Turn(done=True, reward=1.0 + stats.episode % 4)
         return Turn(done=False, messages=[{"role": "tool", "content": f"result {stats.turns}"}])
 
 
@@ -98,3 +98,27 @@ def test_the_masked_loss_and_gradients_equal_a_naive_loop_over_turns(episodes):
     torch.testing.assert_close(loss, naive, rtol=1e-5, atol=1e-6)
     for name, parameter in module.model.named_parameters():
         torch.testing.assert_close(ours[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_reinforce_pp_puts_the_episode_reward_on_its_last_sampled_token(tiny_model, task_files, tmp_path):
+    from lightning_align.modules.grpo import last_sampled
+
+    assert last_sampled(torch.tensor([[1.0, 1, 0, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]])).tolist() == [5, 2]
+    L.seed_everything(TEST_SEED)
+    dm = task_prompts(tiny_model, task_files, batch_size=3)
+    dm.setup("fit")
+    module = GRPOModule(
+        tiny_model, environment=Scripted(), advantage="reinforce++", beta=0.0, num_generations=2, max_new_tokens=5
+    )
+    ready(module, [], tmp_path)
+    rollout = module.rollout(dm.collate(dm.train_set[:3]))
+    mask = rollout["mask"].bool()
+    # With beta 0 every sampled token's return is the episode's reward: one advantage per episode, growing with it.
+    advantages = rollout["advantages"]
+    for row in range(len(mask)):
+        values = advantages[row][mask[row]]
+        torch.testing.assert_close(values, values[:1].expand_as(values))
+    last = advantages[torch.arange(len(mask)), last_sampled(rollout["mask"])]
+    order = rollout["reward"].argsort()
+    assert rollout["reward"].unique().numel() > 1 and max(s.turns for s in rollout["episode_stats"]) > 1
+    assert torch.all(last[order][1:] >= last[order][:-1] - 1e-6)
