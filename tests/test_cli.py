@@ -100,8 +100,8 @@ def test_every_example_config_runs_and_logs_its_metrics_and_config_to_wandb(conf
         == yaml.safe_load(config.read_text())["model"]["init_args"]["learning_rate"]
     )
     adapters = [cb["class_path"] for cb in run["trainer"]["callbacks"] if cb["class_path"].endswith("LoRA")]
-    expected = {"full": [], "lora": ["lightning_align.LoRA"], "qlora": ["lightning_align.QLoRA"], "tools": None}
-    assert adapters == (expected[variant] or ["lightning_align.LoRA"])
+    lora, qlora = ["lightning_align.LoRA"], ["lightning_align.QLoRA"]
+    assert adapters == {"full": [], "lora": lora, "qlora": qlora, "tools": lora}[variant]
     if variant == "tools":  # the episodes' own metrics
         assert {"train/episodes/tool_calls", "train/episodes/turns", "train/tokens/environment"} <= set(metrics)
     if "GenerationSamples" in config.read_text():
