@@ -107,6 +107,7 @@ def sample_episodes(module, batch: dict, environment: Environment, group_size: i
     stop = parser.stop if parser is not None else None
     schemas = getattr(environment, "schemas", None)
     episodes = start_episodes(module, batch, environment, group_size)
+    sampler_logprobs = True  # False once a turn came from model.generate, which gives none
     for turn in range(environment.max_turns):
         active = [e for e in episodes if not e.done]
         if not active:
@@ -115,6 +116,7 @@ def sample_episodes(module, batch: dict, environment: Environment, group_size: i
         inputs = {key: inputs[key].to(module.device) for key in ("input_ids", "attention_mask")}
         sequences, logprobs = module.generate(inputs, greedy=greedy, logprobs=True)
         width = inputs["input_ids"].shape[1]
+        sampler_logprobs = sampler_logprobs and logprobs is not None
         for row, episode in enumerate(active):
             new = sequences[row, width:].tolist()
             keep = stop_index(new, tokenizer, eos, stop)
@@ -142,10 +144,12 @@ def sample_episodes(module, batch: dict, environment: Environment, group_size: i
             if len(episode.ids) >= environment.max_tokens:
                 episode.done, episode.reward, episode.stats.cut = True, environment.cut_reward, True
     generated = time.perf_counter()
-    return episode_batch(module, episodes, started, generated)
+    return episode_batch(module, episodes, started, generated, sampler_logprobs)
 
 
-def episode_batch(module, episodes: list[Episode], started: float, generated: float) -> dict:
+def episode_batch(
+    module, episodes: list[Episode], started: float, generated: float, sampler_logprobs: bool = True
+) -> dict:
     pad = module.tokenizer.pad_token_id
     prompts = left_padded([e.prompt_ids for e in episodes], pad)
     width = max(len(e.ids) for e in episodes)
@@ -170,7 +174,8 @@ def episode_batch(module, episodes: list[Episode], started: float, generated: fl
         "completions": [e.messages[-1]["content"] for e in episodes],
         "each_reward": reward[:, None],
         "reward": reward,
-        "sampled_logprobs": logprobs.to(device) * mask.to(device),
+        # None without the sampler's log-probs: pi_old then comes from a forward pass, never from zeros.
+        "sampled_logprobs": logprobs.to(device) * mask.to(device) if sampler_logprobs else None,
         "episode_stats": [e.stats for e in episodes],
         "time/generate": generated - started,
         "time/reward": 0.0,
