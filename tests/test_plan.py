@@ -33,6 +33,20 @@ def parameter_count(config_folder: str) -> tuple[int, int, int]:
     return sum(p.numel() for p in model.parameters()), len(list(model.parameters())), buffers
 
 
+def test_episodes_plan_their_whole_length(llama_config, tmp_path):
+    from lightning_align.plan.spec import episode_tokens
+
+    one_turn = plan_run(RunSpec(llama_config, method="grpo", micro_batch=2, max_length=16, max_new_tokens=16))
+    episodes = plan_run(dataclasses.replace(one_turn.spec, episode_tokens=128))
+    assert episodes.parts["activations"] > 2 * one_turn.parts["activations"]
+    environment = "lightning_align.environments.ToolEnvironment"
+    assert episode_tokens({"class_path": environment}) == 512  # its default
+    assert episode_tokens({"class_path": environment, "init_args": {"max_tokens": 64}}) == 64
+    assert episode_tokens(None) is None
+    with pytest.raises(ValueError, match="environment.class_path 'nowhere.Env'"):
+        episode_tokens({"class_path": "nowhere.Env"})
+
+
 def test_full_training_holds_weights_gradients_and_two_adamw_moments(llama_config):
     n, tensors, buffers = parameter_count(llama_config)
     # A batch small enough that the peak is in the backward pass, where the gradients exist (the step drops them,
@@ -186,6 +200,10 @@ def test_spec_from_the_example_configs():
     assert not spec_from_config(CONFIGS / "orpo_full.yaml").uses_reference
     grpo = spec_from_config(CONFIGS / "grpo_lora.yaml")
     assert grpo.method == "grpo" and grpo.adapter == "lora"
+    # Multi-turn episodes: a row holds every turn of an episode, the environment's tokens too (max_tokens).
+    tools = spec_from_config(CONFIGS / "grpo_tools.yaml")
+    assert (tools.max_new_tokens, tools.episode_tokens, tools.sequence) == (96, 256, 64 + 256)
+    assert "256 per episode" in tools.describe()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         plan_run(spec_from_config(CONFIGS / "sft_full.yaml", model=str(CONFIGS)))
 

@@ -44,6 +44,27 @@ def test_gae_matches_backward_recursion_per_sequence():
             assert advantages[b, t] == 0 and returns[b, t] == 0
 
 
+def test_gae_steps_over_masked_gaps_as_over_the_unmasked_tokens_alone():
+    # A multi-turn episode: the environment's tokens (0s inside the mask) are not steps of the policy.
+    rand, _ = batch(2)
+    rewards, values = rand(), rand()
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0], [1, 0, 1, 0, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.float64)
+    gamma, lam = 0.9, 0.8
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    for b in range(B):
+        steps = [t for t in range(T) if mask[b, t] == 1]
+        running = 0.0
+        for k in reversed(range(len(steps))):
+            t = steps[k]
+            next_value = values[b, steps[k + 1]].item() if k + 1 < len(steps) else 0.0
+            delta = rewards[b, t].item() + gamma * next_value - values[b, t].item()
+            running = delta + gamma * lam * running
+            assert advantages[b, t].item() == pytest.approx(running)
+            assert returns[b, t].item() == pytest.approx(running + values[b, t].item())
+        for t in set(range(T)) - set(steps):
+            assert advantages[b, t] == 0 and returns[b, t] == 0
+
+
 @pytest.mark.parametrize("shift_mean", [True, False])
 def test_whiten_uses_masked_mean_and_unbiased_variance(shift_mean):
     rand, mask = batch(1)

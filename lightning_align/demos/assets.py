@@ -20,7 +20,7 @@ DEMO_MODEL = "lightning-align/tiny-llama"
 DEMO_DATA_PREFIX = "demo:"
 KINDS = ("sft", "preference", "prompts", "calculator_sft", "calculator_prompts")
 DEMO_FILES = tuple(f"{kind}_{split}" for kind in KINDS for split in ("train", "val"))
-DATA_VERSION = "v2"
+DATA_VERSION = "v3"
 
 
 def demo_data_file(name: str) -> str:

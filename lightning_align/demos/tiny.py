@@ -15,14 +15,16 @@ from pathlib import Path
 import torch
 
 # Bump when the tokenizer or model config changes, so old caches are not reused.
-TINY_MODEL_VERSION = "v2"
+TINY_MODEL_VERSION = "v3"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHARACTERS = string.ascii_letters + string.digits + string.punctuation + " \n"
 
 # Assistant turns end with EOS; the template adds BOS itself, so callers must not add it again. With tools, their
-# schemas go in a system line, each call as JSON between <tool_call> markers, results in <|tool|> turns.
+# signatures go in a system line (`tools: add(a, b)`: a tiny model has few positions for a JSON schema), each call
+# as JSON between <tool_call> markers, results in <|tool|> turns.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% if tools %}<|system|>tools: {{ tools | tojson }}\n{% endif %}"
+    "{{ bos_token }}{% if tools %}<|system|>tools:{% for tool in tools %} {{ tool['function']['name'] }}("
+    "{{ (tool['function']['parameters']['properties'] or {}) | join(', ') }}){% endfor %}{{ '\\n' }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}<|assistant|>{{ message['content'] or '' }}"
     "{% for call in message.get('tool_calls') or [] %}<tool_call>"

@@ -47,18 +47,21 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tens
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016), per token: (advantages, returns).
 
-    delta_t = r_t + gamma m_{t+1} V_{t+1} - V_t,  A_t = delta_t + gamma lam m_{t+1} A_{t+1},  returns = A + V;
-    the value after the last response token is 0, and masked positions get 0.
+    Over the unmasked positions t < t' (t' the next unmasked one): delta_t = r_t + gamma V_t' - V_t,
+    A_t = delta_t + gamma lam A_t'; the value after the last unmasked position is 0, returns = A + V, and masked
+    positions get 0 and are stepped over (a multi-turn episode's tokens from the environment are not the policy's
+    actions: the value after a turn's last token is the value at the next turn's first).
     """
-    mask = mask.to(values.dtype)
+    keep = mask.bool()
     advantages = torch.zeros_like(values)
     next_value = torch.zeros_like(values[:, 0])
     next_advantage = torch.zeros_like(values[:, 0])
     for t in reversed(range(values.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
-        advantages[:, t] = next_advantage
-        next_value = values[:, t] * mask[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        next_advantage = torch.where(keep[:, t], advantage, next_advantage)
+        next_value = torch.where(keep[:, t], values[:, t], next_value)
+        advantages[:, t] = torch.where(keep[:, t], advantage, 0.0)
     return advantages.detach(), ((advantages + values) * mask).detach()
 
 

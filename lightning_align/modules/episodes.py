@@ -33,6 +33,17 @@ class Episode:
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
 
 
+def scored_by_the_environment(prompts, completions):
+    """The reward source of a module whose environment scores the episodes; never called."""
+    raise RuntimeError("the environment scores these episodes; reward functions are not called")
+
+
+def last_sampled(mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last trained position: [batch] (in an episode, tokens from the environment may follow it)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (mask.bool() * positions).argmax(-1)
+
+
 def left_padded(rows: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
     longest = max(len(ids) for ids in rows)
     input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
@@ -45,13 +56,20 @@ def left_padded(rows: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
 
 def stop_index(ids: list[int], tokenizer, eos: int, stop: str | None) -> int:
     """How many of a turn's sampled tokens to keep: through its first EOS, or through the token that completes
-    `stop` (the end of a tool call), whichever comes first."""
+    `stop` (the end of a tool call), whichever comes first. Whether a prefix's text holds `stop` only turns true as
+    the prefix grows, so the shortest such prefix is found by bisection (a few decodes per turn, not one per
+    token)."""
     end = ids.index(eos) + 1 if eos in ids else len(ids)
-    if stop:
-        for k in range(1, end + 1):
-            if tokenizer.decode(ids[:k], skip_special_tokens=False).endswith(stop):
-                return k
-    return end
+    if not stop or stop not in tokenizer.decode(ids[:end], skip_special_tokens=False):
+        return end
+    low, high = 0, end  # the prefix of `low` tokens lacks stop, that of `high` holds it
+    while high - low > 1:
+        middle = (low + high) // 2
+        if stop in tokenizer.decode(ids[:middle], skip_special_tokens=False):
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def episode_rows(batch: dict, group_size: int) -> list[dict]:

@@ -23,23 +23,12 @@ from lightning_align.losses import (
     rloo_advantages,
 )
 from lightning_align.modules.base import ModelSource
-from lightning_align.modules.episodes import episode_metrics, sample_episodes
+from lightning_align.modules.episodes import episode_metrics, last_sampled
 from lightning_align.modules.online import OnlineRLModule
 from lightning_align.modules.rewards import RewardSource
 from lightning_align.modules.signal import GroupBuffer, LearningSignal, groups_with_spread
 
 ADVANTAGES = ("grpo", "rloo", "reinforce++")
-
-
-def last_sampled(mask: torch.Tensor) -> torch.Tensor:
-    """Each row's last trained position: [batch] (in an episode, tokens from the environment may follow it)."""
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    return (mask.bool() * positions).argmax(-1)
-
-
-def scored_by_the_environment(prompts, completions):
-    """The reward source of a module whose environment scores the episodes; never called."""
-    raise RuntimeError("the environment scores these episodes; reward functions are not called")
 
 
 def normalized(advantages: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
@@ -91,7 +80,8 @@ class GRPOModule(OnlineRLModule):
             e.g. `ToolEnvironment([calculator], reward=...)`): the policy's turns end at EOS or a tool call's end,
             the environment's answers are appended, and only the policy's own tokens are trained on and counted in
             the KL and the normalisation (`modules.episodes`). The environment scores the episodes: leave
-            `rewards` out. `max_new_tokens` is per turn.
+            `rewards` out. `max_new_tokens` is per turn; Dr. GRPO's constant normaliser is then the episode's
+            budget, the environment's `max_tokens`.
         dynamic_sampling: DAPO's dynamic sampling: groups whose samples all got the same reward (zero advantage)
             are dropped, and the rollout batch is filled with the groups of the next prompts before learning.
         max_batches_without_signal: stop with an error after this many rollout batches in a row without a
@@ -143,10 +133,6 @@ class GRPOModule(OnlineRLModule):
             raise ValueError(f"unknown scale_rewards {scale_rewards!r}; valid: {', '.join(SCALE_REWARDS)}")
         if loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(f"unknown loss_aggregation {loss_aggregation!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
-        if (rewards is None) == (environment is None):
-            raise ValueError("give rewards (functions or reward models) or an environment that scores its episodes")
-        if environment is not None:
-            rewards = scored_by_the_environment
         if policy_loss not in POLICY_LOSSES:
             raise ValueError(f"unknown policy_loss {policy_loss!r}; valid: {', '.join(POLICY_LOSSES)}")
         if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
@@ -176,6 +162,7 @@ class GRPOModule(OnlineRLModule):
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
+            environment=environment,
             **kwargs,
         )
         self.advantage = advantage
@@ -195,7 +182,6 @@ class GRPOModule(OnlineRLModule):
         if dynamic_sampling and num_generations < 2:
             raise ValueError("dynamic_sampling keeps the groups whose samples differ: num_generations must be >= 2")
         self.dynamic_sampling = dynamic_sampling
-        self.environment = environment
         self.signal = LearningSignal(max_batches_without_signal)
         self.kept_groups = GroupBuffer()
 
@@ -221,16 +207,14 @@ class GRPOModule(OnlineRLModule):
         needed as pi_old; else pi_old is the learning pass's own, detached)."""
         return self.num_iterations > 1 or (self.minibatch_size or samples) < samples
 
-    @torch.no_grad()
-    def sample_rollout(self, batch: dict, greedy: bool = False) -> dict:
-        """The rollout batch's samples: one completion each, or multi-turn episodes with an environment."""
-        if self.environment is not None:
-            return sample_episodes(self, batch, self.environment, 1 if greedy else self.num_generations, greedy)
-        return self.sample(batch, self.num_generations)
+    @property
+    def response_budget(self) -> int:
+        """The most response tokens of a sample (Dr. GRPO's normaliser): a completion's, or a whole episode's."""
+        return self.environment.max_tokens if self.environment is not None else self.sampling["max_new_tokens"]
 
     @torch.no_grad()
     def rollout(self, batch: dict) -> dict:
-        return self.scored_rollout(self.sample_rollout(batch))
+        return self.scored_rollout(self.sample_rollout(batch, self.num_generations))
 
     def with_signal(self, rollout: dict) -> tuple[dict | None, float]:
         """The rollout to learn from (with dynamic sampling: the kept groups once they fill a batch, else None)
@@ -334,7 +318,7 @@ class GRPOModule(OnlineRLModule):
             self.loss_aggregation,
             ref_logprobs=rollout["ref_logprobs"][rows] if self.kl_in_loss else None,
             beta=self.beta,
-            max_completion_length=self.sampling["max_new_tokens"],
+            max_completion_length=self.response_budget,
             num_tokens=num_tokens,
             importance_sampling_level=self.importance_sampling_level,
             policy_loss=self.policy_loss,
@@ -354,7 +338,7 @@ class GRPOModule(OnlineRLModule):
         return self.minibatch_loss(rollout, slice(None), rollout["loss_mask"].sum())[0]
 
     def training_step(self, batch, batch_idx):
-        rollout, zero_std = self.with_signal(self.sample_rollout(batch))
+        rollout, zero_std = self.with_signal(self.sample_rollout(batch, self.num_generations))
         if rollout is None:  # dynamic sampling: not yet a batch of groups with spread
             return
         rollout = self.scored_rollout(rollout)
@@ -376,9 +360,3 @@ class GRPOModule(OnlineRLModule):
             "time/learn": time.perf_counter() - learning,
         }
         self.log_rollout(stats, len(rollout["sequences"]))
-
-    def validation_step(self, batch, batch_idx):
-        if self.environment is None:
-            return super().validation_step(batch, batch_idx)
-        reward = self.sample_rollout(batch, greedy=True)["reward"]  # greedy episodes, scored by the environment
-        self.val_reward.update(reward[~reward.isnan()])

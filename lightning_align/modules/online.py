@@ -12,7 +12,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lightning_align.environments import Environment
 from lightning_align.modules.base import AlignModule, ModelSource
+from lightning_align.modules.episodes import sample_episodes, scored_by_the_environment
 from lightning_align.modules.optimisation import clip_gradients
 from lightning_align.modules.reference import Reference
 from lightning_align.modules.rewards import RewardModelScorer, Rewards, RewardSource
@@ -52,6 +54,11 @@ class OnlineRLModule(AlignModule):
             agree; the reference runs in eval mode either way.
         scoring_check: as `DPOModule`'s: the chunked output layer is checked on the first rollout's rows against
             the model's own forward ("fallback", "error", "off").
+        environment: multi-turn, tool-using episodes instead of single completions (`environments.Environment`,
+            e.g. `ToolEnvironment([calculator], reward=...)`): the policy's turns end at EOS or a tool call's end,
+            the environment's answers are appended, and only the policy's own tokens are trained on and counted in
+            the KL and the normalisation (`modules.episodes`). The environment scores the episodes: give no
+            `reward` then.
         Other arguments as `AlignModule`.
 
     `max_steps` counts optimiser steps, and a run stops at the step it names, inside a rollout batch if need be.
@@ -66,7 +73,7 @@ class OnlineRLModule(AlignModule):
     def __init__(
         self,
         policy: ModelSource,
-        reward: RewardSource | Sequence[RewardSource],
+        reward: RewardSource | Sequence[RewardSource] | None = None,
         reward_weights: list[float] | None = None,
         reward_aggregation: str = "sum_then_normalize",
         max_new_tokens: int = 16,
@@ -76,12 +83,17 @@ class OnlineRLModule(AlignModule):
         max_grad_norm: float | None = 1.0,
         disable_dropout: bool = True,
         scoring_check: str = "fallback",
+        environment: Environment | None = None,
         **kwargs,
     ):
         super().__init__(policy, **kwargs)
         if max_new_tokens < 1 or not temperature > 0:
             raise ValueError(f"max_new_tokens must be >= 1 and temperature > 0, got {max_new_tokens}, {temperature}")
+        if (reward is None) == (environment is None):
+            raise ValueError("give rewards (functions or reward models) or an environment that scores its episodes")
         self.automatic_optimization = False  # several optimiser steps per rollout batch
+        self.environment = environment
+        reward = scored_by_the_environment if reward is None else reward
         self.rewards = Rewards(reward, reward_weights, reward_aggregation)
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         self.max_grad_norm = max_grad_norm
@@ -295,6 +307,15 @@ class OnlineRLModule(AlignModule):
             "time/reward": time.perf_counter() - generated,
         }
 
+    @torch.no_grad()
+    def sample_rollout(self, batch: dict, group_size: int = 1, greedy: bool = False) -> dict:
+        """The rollout batch's samples: one completion each, or multi-turn episodes with an environment."""
+        if self.environment is not None:
+            return sample_episodes(self, batch, self.environment, 1 if greedy else group_size, greedy)
+        if greedy:
+            raise ValueError("greedy rollouts are sampled by validation_step")
+        return self.sample(batch, group_size)
+
     # ----- learning ----------------------------------------------------------------------------------------------
     def optimizer_step(self, losses: torch.Tensor | Iterable[torch.Tensor]) -> bool:
         """One optimiser step on a loss, or on the sum of several computed one after another's backward (for
@@ -357,6 +378,10 @@ class OnlineRLModule(AlignModule):
         self.val_reward.reset()
 
     def validation_step(self, batch, batch_idx):
+        if self.environment is not None:  # greedy episodes, scored by the environment
+            reward = self.sample_rollout(batch, greedy=True)["reward"]
+            self.val_reward.update(reward[~reward.isnan()])
+            return
         prompt_length = batch["input_ids"].shape[1]
         completions, _, _ = self.completions(self.generate(batch, greedy=True), prompt_length)
         _, reward = self.scores(batch, completions)

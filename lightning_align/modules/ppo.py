@@ -8,8 +8,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from lightning_align.environments import Environment
 from lightning_align.losses import gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
 from lightning_align.modules.base import ModelSource
+from lightning_align.modules.episodes import episode_metrics, last_sampled
 from lightning_align.modules.online import OnlineRLModule, response_mask  # noqa: F401 (response_mask: API)
 from lightning_align.modules.pretrained import disable_dropout
 from lightning_align.modules.rewards import RewardSource
@@ -56,6 +58,9 @@ class PPOModule(OnlineRLModule):
     Args:
         policy: the model to train (name, folder or `nn.Module`).
         reward, reward_weights, reward_aggregation: one reward or several, weighted (see `OnlineRLModule`).
+        environment: multi-turn, tool-using episodes scored by the environment, instead of `reward` (see
+            `OnlineRLModule`). Each episode's score goes on its last sampled token, and GAE steps over the policy's
+            tokens only: the value after a turn's last token is the value at the next turn's first.
         max_new_tokens, temperature, top_k, top_p: sampling of the rollouts.
         ppo_epochs, minibatch_size: passes over each rollout batch and sequences per optimiser step (per process,
             like the data's batch_size).
@@ -81,7 +86,7 @@ class PPOModule(OnlineRLModule):
     def __init__(
         self,
         policy: ModelSource,
-        reward: RewardSource | Sequence[RewardSource],
+        reward: RewardSource | Sequence[RewardSource] | None = None,
         max_new_tokens: int = 16,
         temperature: float = 1.0,
         top_k: int = 0,
@@ -101,10 +106,23 @@ class PPOModule(OnlineRLModule):
         whiten_scores: bool = False,
         score_clip: float | None = None,
         missing_eos_penalty: float | None = None,
+        environment: Environment | None = None,
         **kwargs,
     ):
+        if environment is not None and environment.cut_reward is None:
+            raise ValueError(
+                "PPO needs a score for every episode, and an episode cut at the environment's max_turns or max_tokens "
+                "gets its cut_reward: set cut_reward (e.g. 0.0) on the environment"
+            )
         super().__init__(
-            policy, reward, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, **kwargs
+            policy,
+            reward,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            environment=environment,
+            **kwargs,
         )
         self.ppo_epochs, self.minibatch_size = ppo_epochs, minibatch_size
         self.clip_eps, self.value_clip_eps, self.vf_coef = clip_eps, value_clip_eps, vf_coef
@@ -167,7 +185,7 @@ class PPOModule(OnlineRLModule):
     # ----- rollout -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, batch: dict) -> dict:
-        rollout = self.sample(batch)
+        rollout = self.sample_rollout(batch)
         started = time.perf_counter()
         # The reference first: sharded, the policy's forward leaves its root gathered for the step that follows.
         with self.reference(self.model) as reference:
@@ -178,7 +196,8 @@ class PPOModule(OnlineRLModule):
             rollout["logprobs"], values = self.policy_forward(rollout)
         scores = rollout["reward"]
         if scores.isnan().any():
-            raise ValueError("every reward abstained (returned None) on a sample; PPO needs a score for each sample")
+            source = "the environment's reward" if self.environment is not None else "every reward"
+            raise ValueError(f"{source} abstained (returned None) on a sample; PPO needs a score for each sample")
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~rollout["ended"]).float()
         shaped = scores
@@ -189,8 +208,7 @@ class PPOModule(OnlineRLModule):
         mask = rollout["mask"]
         kl = kl_penalty(rollout["logprobs"], ref_logprobs, self.kl_estimator) * mask
         rewards = -self.kl_controller.value * kl
-        last = mask.sum(-1).clamp(min=1).long() - 1
-        rewards[torch.arange(len(rewards)), last] += shaped
+        rewards[torch.arange(len(rewards)), last_sampled(mask)] += shaped
         advantages, returns = gae(rewards, values * mask, mask, self.gamma, self.lam)
         rollout |= {
             "values": values,
@@ -260,6 +278,8 @@ class PPOModule(OnlineRLModule):
             "time/score": rollout["time/score"],
             "time/learn": time.perf_counter() - learning,
         }
+        if "episode_stats" in rollout:
+            stats |= episode_metrics(rollout)
         self.kl_controller.update(kl, len(rollout["sequences"]) * self.processes)
         self.log_rollout(stats, len(rollout["sequences"]))
 

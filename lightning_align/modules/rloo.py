@@ -29,7 +29,7 @@ class RLOOModule(GRPOModule):
     def __init__(
         self,
         policy: ModelSource,
-        rewards: RewardSource | Sequence[RewardSource],
+        rewards: RewardSource | Sequence[RewardSource] | None = None,
         num_generations: int = 2,
         beta: float = 0.05,
         normalize_advantages: bool = False,

@@ -51,6 +51,7 @@ class RunSpec:
     precompute_ref_logps: bool = False
     scoring_check: str = "fallback"
     max_new_tokens: int = 128
+    episode_tokens: int | None = None  # multi-turn episodes: the environment's max_tokens (all turns, its own too)
     num_generations: int = 1
     minibatch_size: int | None = None
     reward_model: str | None = None
@@ -67,20 +68,31 @@ class RunSpec:
         return self.micro_batch
 
     @property
+    def response_tokens(self) -> int:
+        """An online row's tokens after its prompt: one completion's, or a whole episode's (every turn's)."""
+        return self.episode_tokens or self.max_new_tokens
+
+    @property
     def sequence(self) -> int:
-        """Tokens per training row: online methods learn on prompt (max_length) + generated tokens."""
-        return self.max_length + (self.max_new_tokens if self.method in ("ppo", "grpo") else 0)
+        """Tokens per training row: online methods learn on prompt (max_length) + response tokens."""
+        return self.max_length + (self.response_tokens if self.method in ("ppo", "grpo") else 0)
 
     @property
     def reference_forward(self) -> bool:
         return self.uses_reference and not self.precompute_ref_logps and self.method in ("dpo", "kto", "ppo", "grpo")
+
+    @property
+    def response_description(self) -> str:
+        if self.episode_tokens:
+            return f" + {self.episode_tokens} per episode"
+        return f" + {self.max_new_tokens} generated"
 
     def describe(self) -> str:
         adapter = f"{self.adapter} r={self.r}" if self.adapter else "no adapter"
         return (
             f"{self.method}, {adapter}, {self.precision}, strategy {self.strategy} x {self.devices} device(s), "
             f"micro-batch {self.micro_batch} x {self.max_length} tokens"
-            + (f" + {self.max_new_tokens} generated" if self.method in ("ppo", "grpo") else "")
+            + (self.response_description if self.method in ("ppo", "grpo") else "")
             + (", gradient checkpointing" if self.gradient_checkpointing else "")
             + (", precomputed reference log-probs" if self.precompute_ref_logps else "")
         )
@@ -225,6 +237,7 @@ def spec_from_config(path: str | Path, **overrides) -> RunSpec:
         "precompute_ref_logps": bool(args.get("precompute_ref_logps") or args.get("ref_cache_dir")),
         "scoring_check": args.get("scoring_check", "fallback"),
         "max_new_tokens": args.get("max_new_tokens", 128),
+        "episode_tokens": episode_tokens(args.get("environment")),
         "num_generations": args.get("num_generations", 1),
         "minibatch_size": args.get("minibatch_size"),
         "critic": args.get("critic"),
@@ -287,4 +300,27 @@ def spec_from_run(trainer, module, datamodule=None) -> RunSpec:
             values[name] = getattr(module, name)
     if "max_new_tokens" in getattr(module, "sampling", {}):
         values["max_new_tokens"] = module.sampling["max_new_tokens"]
+    if getattr(module, "environment", None) is not None:
+        values["episode_tokens"] = module.environment.max_tokens
     return RunSpec(**values)
+
+
+def episode_tokens(environment) -> int | None:
+    """A config's environment's `max_tokens` (its class's default when not given), or None without one."""
+    if not isinstance(environment, dict):
+        return None
+    given = (environment.get("init_args") or {}).get("max_tokens")
+    if given is not None:
+        return int(given)
+    import importlib
+    import inspect
+
+    module, _, name = str(environment.get("class_path", "")).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"model.init_args.environment.class_path {environment.get('class_path')!r}: {error}") from None
+    default = inspect.signature(cls).parameters.get("max_tokens")
+    if default is not None and default.default is not inspect.Parameter.empty:
+        return int(default.default)
+    return int(cls.max_tokens)

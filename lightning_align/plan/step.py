@@ -241,7 +241,7 @@ def method_batch(spec: RunSpec) -> dict:
     ids = torch.zeros(rows, spec.sequence, dtype=torch.long)
     ones = torch.ones_like(ids)
     if spec.method in ("ppo", "grpo"):
-        zeros = torch.zeros(rows, spec.max_new_tokens)
+        zeros = torch.zeros(rows, spec.response_tokens)
         return {
             "sequences": ids,
             "attention_mask": ones,
@@ -301,7 +301,7 @@ def measure_step(spec: RunSpec, config) -> dict[str, int]:
             checked = min(CHECKED_ROWS, spec.micro_batch) if spec.method == "kto" else CHECKED_ROWS  # examples only
             ids = batch["sequences" if spec.method in ("ppo", "grpo") else "input_ids"][:checked]
             with tracked(model) as tracker:  # the first batch's check of the fast path: the model's own forward
-                online = spec.max_new_tokens if spec.method in ("ppo", "grpo") else None
+                online = spec.response_tokens if spec.method in ("ppo", "grpo") else None
                 check_forward(model, ids, online)
             first_batch_check = category_bytes(tracker.get_tracker_snapshot("peak"))
         for p in trainable:  # the state after a first step: gradients and optimiser states exist

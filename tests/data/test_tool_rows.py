@@ -9,7 +9,8 @@ from lightning_align.demos.tiny import TOOL_CHAT_TEMPLATE
 from tests.conftest import write_jsonl
 
 ADD = {"type": "function", "function": {"name": "add", "arguments": {"a": 12, "b": 30}}}
-TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+PARAMETERS = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": PARAMETERS}}]
 
 
 def setup(dm):
@@ -33,8 +34,7 @@ def test_sft_scores_the_tool_call_and_the_answer_but_not_the_tool_result(tiny_mo
     text = marked_text(example["input_ids"], example["labels"], dm.tokenizer)
     call = '<tool_call>{"name": "add", "arguments": {"a": 12, "b": 30}}</tool_call></s>'
     assert text == (
-        '<s><|system|>tools: [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]\n'
-        f"<|user|>12+30?\n<|assistant|>[[{call}]]<|tool|>42\n<|assistant|>[[42</s>]]"
+        f"<s><|system|>tools: add(a, b)\n<|user|>12+30?\n<|assistant|>[[{call}]]<|tool|>42\n<|assistant|>[[42</s>]]"
     )
 
 
