@@ -19,36 +19,14 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
-def calculator_prompt(rng: random.Random, digits: int = 5) -> tuple[str, str]:
-    a, b = (rng.randint(10 ** (digits - 1), 10**digits - 1) for _ in range(2))
+def calculator_prompt(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(10_000, 99_999), rng.randint(10_000, 99_999)
     return f"{a}+{b}=", str(a + b)
 
 
 def answer_reward(row: dict, messages: list[dict]) -> float:
     """1 if the episode's final answer is the row's `answer` exactly, else 0."""
     return float(messages[-1]["content"].strip() == str(row["answer"]).strip())
-
-
-def digit_reward(row: dict, messages: list[dict]) -> float:
-    """Partial credit for the episode's final answer: the share of the true answer's digits it has in place
-    (right-aligned, as a sum's digits line up), and 1 only for the exact answer. Denser than `answer_reward`, so a
-    policy that is often nearly right still sees which of its samples were better."""
-    return partial_credit(messages[-1]["content"], str(row["answer"]))
-
-
-def completion_digit_reward(prompts: list[str], completions: list[str], answer: list[str]) -> list[float]:
-    """`digit_reward` for single completions (GRPO without the tool: the completion is the answer)."""
-    return [partial_credit(text, str(truth)) for text, truth in zip(completions, answer, strict=True)]
-
-
-def partial_credit(text: str, truth: str) -> float:
-    text = text.strip()
-    if text == truth:
-        return 1.0
-    if not text.isdigit():
-        return 0.0
-    matching = sum(a == b for a, b in zip(reversed(text), reversed(truth), strict=False))
-    return 0.5 * matching / max(len(truth), len(text))
 
 
 def tool_trace(prompt: str, answer: str) -> list[dict]:
@@ -63,19 +41,17 @@ def tool_trace(prompt: str, answer: str) -> list[dict]:
     ]
 
 
-def write_calculator_data(
-    folder: str | Path, n_train: int = 2000, n_val: int = 200, seed: int = 0, digits: int = 5
-) -> dict:
+def write_calculator_data(folder: str | Path, n_train: int = 2000, n_val: int = 200, seed: int = 0) -> dict:
     """`calculator_sft_{train,val}.jsonl` (tool-use traces, with the tool's schema) and
-    `calculator_prompts_{train,val}.jsonl` (prompts with their `answer`), disjoint halves of one seeded draw of
-    `digits`-digit sums. Returns the paths by name."""
+    `calculator_prompts_{train,val}.jsonl` (prompts with their `answer`), disjoint halves of one seeded draw.
+    Returns the paths by name."""
     from transformers.utils import get_json_schema
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tools = [get_json_schema(add)]  # what `ToolEnvironment([add], ...)` gives the template: SFT sees RL's prompts
     rng = random.Random(seed)
-    rows = [calculator_prompt(rng, digits) for _ in range(2 * (n_train + n_val))]
+    rows = [calculator_prompt(rng) for _ in range(2 * (n_train + n_val))]
     halves = {"sft": rows[: n_train + n_val], "prompts": rows[n_train + n_val :]}
     paths = {}
     for kind, pairs in halves.items():
