@@ -27,12 +27,15 @@ def left_pad_collate(examples: list[dict], pad_token_id: int) -> dict:
         attention_mask[i, longest - n :] = 1
     names = sorted({name for e in examples for name in e.get("fields", {})})
     fields = {name: [e.get("fields", {}).get(name) for e in examples] for name in names}
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "prompts": [e["prompt"] for e in examples],
         "fields": fields,
     }
+    if any(e.get("messages") for e in examples):  # chat rows' turns (None for a plain prompt), for episodes
+        batch["messages"] = [e.get("messages") for e in examples]
+    return batch
 
 
 class PromptDataModule(AlignDataModule):
@@ -90,6 +93,7 @@ class PromptDataModule(AlignDataModule):
     def encode(self, row: Row) -> dict:
         fields = {name: value for name, value in row.fields.items() if name not in PROMPT_FIELDS}
         chat_field = "messages" if "messages" in row.fields else "prompt"
+        messages = None
         if isinstance(row.fields.get(chat_field), list):  # {"messages": [...]} or {"prompt": [...]} (TRL's form)
             if "messages" in row.fields and "prompt" in row.fields:
                 raise DataError(f"{row.where()}: has both 'messages' and 'prompt'; a prompt row has one of them")
@@ -129,7 +133,8 @@ class PromptDataModule(AlignDataModule):
                 )
             input_ids = input_ids[-self.max_length :]
             self.row_counts["truncated"] += 1
-        return {"input_ids": input_ids, "prompt": prompt, "row": row.number, "fields": fields}
+        # A chat row's turns too: multi-turn episodes continue the conversation from them.
+        return {"input_ids": input_ids, "prompt": prompt, "messages": messages, "row": row.number, "fields": fields}
 
     def collate(self, examples: list[dict]) -> dict:
         return left_pad_collate(examples, self.tokenizer.pad_token_id)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
-from lightning_align.data.formats import Segments
+from lightning_align.data.formats import Segments, turn_end
 from lightning_align.data.sources import DataError, Row
 
 IGNORE_INDEX = -100
@@ -15,6 +16,24 @@ def adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts BOS in front of plain text by itself (Llama-style post-processors do)."""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+@functools.lru_cache(maxsize=16)
+def end_of_turn_ids(tokenizer) -> frozenset[int]:
+    """The ids that close a reply: EOS, and the special token the chat template writes right after an assistant's
+    content (its own end of turn). A role marker (ChatML's <|im_start|>, a template's <|assistant|>) never is."""
+    enders = {tokenizer.eos_token_id} - {None}
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": "QZXJ"}, {"role": "assistant", "content": "QZXJW"}]
+        try:
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # a template that renders no such pair (e.g. one that needs a system turn)
+            return frozenset(enders)
+        after = rendered.find("QZXJW") + len("QZXJW")
+        marker = rendered[after : after + turn_end(rendered[after:], tokenizer, "")]
+        ids = tokenizer(marker.strip(), add_special_tokens=False)["input_ids"] if marker.strip() else []
+        enders |= {ids[-1]} if ids and ids[-1] in tokenizer.all_special_ids else set()
+    return frozenset(enders)
 
 
 def encode_segments(
@@ -28,8 +47,7 @@ def encode_segments(
     already present, so it is never doubled.
     """
     eos = tokenizer.eos_token_id
-    starters = {tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
-    turn_enders = (set(tokenizer.all_special_ids) - starters) | {eos}
+    turn_enders = end_of_turn_ids(tokenizer)
     input_ids: list[int] = []
     labels: list[int] = []
     for text, scored in segments:

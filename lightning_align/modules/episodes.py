@@ -74,20 +74,25 @@ def stop_index(ids: list[int], tokenizer, eos: int, stop: str | None) -> int:
 
 def episode_rows(batch: dict, group_size: int) -> list[dict]:
     fields = batch.get("fields", {})
+    turns = batch.get("messages") or [None] * len(batch["prompts"])
     rows = []
     for i, prompt in enumerate(batch["prompts"]):
-        row = {"prompt": prompt, **{name: values[i] for name, values in fields.items()}}
+        row = {"prompt": prompt, "messages": turns[i], **{name: values[i] for name, values in fields.items()}}
         rows += [dict(row) for _ in range(group_size)]
     return rows
 
 
 def start_episodes(module, batch: dict, environment: Environment, group_size: int) -> list[Episode]:
-    """Each prompt's episodes, rendered with the environment's tool schemas where the template takes them."""
+    """Each prompt's episodes, rendered with the environment's tool schemas where the template takes them. A chat
+    row's episode continues its conversation; a plain prompt is the user's turn."""
     tokenizer = module.tokenizer
     schemas = getattr(environment, "schemas", None)
     episodes = []
     for number, row in enumerate(episode_rows(batch, group_size)):
-        messages = [{"role": "user", "content": row["prompt"]}]
+        if row.get("messages"):
+            messages = [dict(message) for message in row["messages"]]
+        else:
+            messages = [{"role": "user", "content": row["prompt"]}]
         if getattr(tokenizer, "chat_template", None):
             rendered = tokenizer.apply_chat_template(
                 messages, tools=schemas or None, tokenize=False, add_generation_prompt=True

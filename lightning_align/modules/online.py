@@ -118,7 +118,8 @@ class OnlineRLModule(AlignModule):
             self.reference.to(self.model)
         self.ensure_rewards()
         reference = self.reference.kind if self.reference is not None else "none (no KL term)"
-        rank_zero_info(f"{type(self).__name__} reference: {reference}; rewards: {', '.join(self.rewards.names)}")
+        rewards = ", ".join(self.rewards.names) if self.environment is None else type(self.environment).__name__
+        rank_zero_info(f"{type(self).__name__} reference: {reference}; rewards: {rewards}")
 
     def longest_row(self) -> int | None:
         # A prompt needs room for the response after it.

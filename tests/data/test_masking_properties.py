@@ -1,12 +1,12 @@
 """Property-based: for any prompt and response text, the scored positions are exactly the response tokens (and
 its one EOS), the prompt is a token prefix, and nothing but a `DataError` can come out of bad text."""
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lightning_align.data import DataError
 from lightning_align.data.sources import Row
-from lightning_align.data.tokenize import IGNORE_INDEX, encode_segments
+from lightning_align.data.tokenize import IGNORE_INDEX, encode_segments, end_of_turn_ids
 from lightning_align.demos.tiny import CHARACTERS, build_tokenizer
 
 TOKENIZER = build_tokenizer()
@@ -16,6 +16,8 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 
 @SETTINGS
 @given(prompt=text, response=text)
+@example(prompt="0", response="<|assistant|>")  # a role marker is no end of turn: EOS still follows
+@example(prompt="0", response="done</s>")  # an EOS of the text's own is not doubled
 def test_plain_rows_score_exactly_the_response_and_one_eos(prompt, response):
     row = Row("<property>", 1, {"prompt": prompt, "completion": response})
     try:
@@ -26,7 +28,10 @@ def test_plain_rows_score_exactly_the_response_and_one_eos(prompt, response):
         assert not prompt_ids or not response_ids  # refused only when one side is empty
         return
     prompt_ids = [TOKENIZER.bos_token_id] + TOKENIZER(prompt, add_special_tokens=False).input_ids
-    response_ids = TOKENIZER(response, add_special_tokens=False).input_ids + [TOKENIZER.eos_token_id]
+    response_ids = TOKENIZER(response, add_special_tokens=False).input_ids
+    if not response_ids or response_ids[-1] not in end_of_turn_ids(TOKENIZER):
+        response_ids.append(TOKENIZER.eos_token_id)
+    assert response_ids[-1] == TOKENIZER.eos_token_id  # the tiny template's end of turn is EOS
     assert ids == prompt_ids + response_ids
     assert labels == [IGNORE_INDEX] * len(prompt_ids) + response_ids
     assert ids.count(TOKENIZER.bos_token_id) == 1 + response_ids.count(TOKENIZER.bos_token_id)

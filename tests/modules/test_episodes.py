@@ -248,3 +248,40 @@ def test_every_estimator_learns_over_episodes(make, tiny_model, task_files, tmp_
     gradients = [p.grad for p in module.model.parameters() if p.grad is not None]
     assert torch.isfinite(loss) and gradients and all(torch.isfinite(g).all() for g in gradients)
     assert sum(float(g.abs().sum()) for g in gradients) > 0
+
+
+def test_a_chat_rows_episode_continues_its_conversation(tiny_model, tmp_path):
+    from lightning_align import PromptDataModule
+    from tests.conftest import write_jsonl
+
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "12+30?"}]
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"prompt": chat}, {"prompt": "7+8?"}])
+    dm = PromptDataModule(tiny_model, str(path), batch_size=2, max_length=64, shuffle=False)
+    dm.setup("fit")
+    module = ready(GRPOModule(tiny_model, environment=Scripted(), num_generations=2, max_new_tokens=5), [], tmp_path)
+    rollout = sample_episodes(module, dm.collate([dm.train_set[0], dm.train_set[1]]), module.environment, 2)
+    width = rollout["prompt_length"]
+    prompts = [
+        module.tokenizer.decode(ids[:width][mask.bool()])
+        for ids, mask in zip(rollout["sequences"], rollout["attention_mask"][:, :width])
+    ]
+    render = module.tokenizer.apply_chat_template
+    assert prompts[0] == prompts[1] == render(chat, tokenize=False, add_generation_prompt=True)
+    assert prompts[2] == render([{"role": "user", "content": "7+8?"}], tokenize=False, add_generation_prompt=True)
+
+
+def test_without_the_samplers_log_probs_pi_old_comes_from_a_forward_pass(tiny_model, task_files, tmp_path):
+    # model.generate (families outside the decode-loop grid) gives no log-probs: pi_old must not be zeros.
+    L.seed_everything(TEST_SEED)
+    dm = task_prompts(tiny_model, task_files, batch_size=3)
+    module = GRPOModule(tiny_model, environment=Scripted(), num_generations=2, max_new_tokens=5, num_iterations=2)
+    ready(module, [], tmp_path)
+    generate = module.generate
+    module.generate = lambda *args, **kwargs: (generate(*args, **kwargs)[0], None)
+    rollout = module.sample_rollout(dm.collate(dm.train_set[:3]), 2)
+    assert rollout["sampled_logprobs"] is None and max(s.turns for s in rollout["episode_stats"]) == 3
+    rollout = module.scored_rollout(rollout)
+    expected, _ = module.response_logps(module.model, rollout)
+    mask = rollout["mask"].bool()
+    torch.testing.assert_close(rollout["logprobs"][mask], expected[mask])
+    assert (rollout["logprobs"][mask] < 0).all()
