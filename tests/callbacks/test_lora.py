@@ -138,8 +138,13 @@ def test_qlora_adapter_reloads_and_merges_into_a_full_precision_base(tiny_model,
         device_map="cpu",
     )
     reloaded = PeftModel.from_pretrained(quantised, tmp_path / "adapter")
-    # Matrix products run in bfloat16 (8 significant bits): equal up to its rounding, far below 2**-8 of the logits.
-    torch.testing.assert_close(logits(reloaded), trained, atol=2e-3, rtol=0)
+    # Matrix products run in bfloat16 (8 significant bits): equal up to its rounding. On some CPUs a few logits
+    # land one or two bfloat16 steps (2**-8 of the largest logit) apart; the mean difference stays far below one.
+    step = 2**-8 * trained.abs().max()
+    difference = (logits(reloaded) - trained).abs()
+    assert difference.max() <= 4 * step and difference.mean() <= step / 16, (difference.max(), difference.mean(), step)
+    with reloaded.disable_adapter():  # what a lost adapter would give: far outside that rounding
+        assert (logits(reloaded) - trained).abs().max() > 10 * difference.max()
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter" / "merged")
     assert all(p.dtype == torch.float32 for p in merged.parameters())
