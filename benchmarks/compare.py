@@ -77,6 +77,10 @@ COMBINATIONS = [
     ("dpo", "none"),
     ("dpo", "lora"),
 ]
+# TRL checkpoints activations by default: the reward model is also compared with ours checkpointing too.
+BOTH_CHECKPOINTING = [("reward", "none"), ("reward", "lora")]
+# The goals against TRL (speed at least, memory at most), printed beside each row.
+GOALS = {"sft": (5.0, 0.35), "dpo": (5.0, 0.35), "reward": (2.0, 0.9)}
 # The preference objectives beyond DPO, against TRL's KTOTrainer and its experimental ORPOTrainer.
 OBJECTIVES = [("kto", "none"), ("kto", "lora"), ("orpo", "none"), ("orpo", "lora")]
 
@@ -205,7 +209,9 @@ class StepClock:
         return [(self.marks[i + 1] - self.marks[i], *self.batches[i]) for i in steps]
 
 
-def run_ours(folder: Path, method: str, peft: str, variant: str = "") -> list[tuple[float, int, int]]:
+def run_ours(
+    folder: Path, method: str, peft: str, variant: str = "", callbacks: list = ()
+) -> list[tuple[float, int, int]]:
     import lightning as L
 
     import lightning_align as la
@@ -241,7 +247,7 @@ def run_ours(folder: Path, method: str, peft: str, variant: str = "") -> list[tu
         def on_train_batch_end(self, *args):
             clock.tick()
 
-    callbacks = [Tick()] + ([la.LoRA(r=16, alpha=32)] if peft == "lora" else [])
+    callbacks = [Tick(), *callbacks] + ([la.LoRA(r=16, alpha=32)] if peft == "lora" else [])
     trainer = L.Trainer(
         accelerator=DEVICE,
         precision="bf16-mixed" if DEVICE == "cuda" else "32-true",
@@ -356,26 +362,32 @@ def run_trl(folder: Path, method: str, peft: str, variant: str = "") -> list[tup
     return clock.timed_steps()
 
 
+def fixture_folder() -> Path:
+    return ROOT / (".fixture" if SHAPE == "llama" else f".fixture-{SHAPE}")
+
+
+def step_model_flops(method: str, peft: str, steps: list[tuple[float, int, int]]) -> float:
+    """Model FLOPs of `steps` (seconds, real tokens, scored tokens), counted as the module docstring says."""
+    body, head = body_parameters(), VOCAB * HIDDEN
+    # Forward 2, input gradient 2, weight gradient 2 -- frozen LoRA base weights skip the last.
+    passes = (4 if peft == "lora" else 6) + (2 if method == "dpo" else 0)  # DPO: the reference's forward
+    if method == "kto":  # half the rows trained, the mismatched half forward only, the reference over all rows
+        passes = (2 if peft == "lora" else 3) + 1 + 2
+    return sum(passes * (body * real + head * scored) for _, real, scored in steps)
+
+
 def child(framework: str, method: str, peft: str, variant: str = "") -> dict:
     import statistics
 
     import torch
 
     torch.set_num_threads(2)
-    folder = build_fixture(ROOT / (".fixture" if SHAPE == "llama" else f".fixture-{SHAPE}"))
+    folder = build_fixture(fixture_folder())
     # Each framework draws the rows in an order of its own: count the tokens each timed step was fed.
     steps = (run_ours if framework == "ours" else run_trl)(folder, method, peft, variant)
-    body = body_parameters()
-    head = VOCAB * HIDDEN
-    # Forward 2, input gradient 2, weight gradient 2 -- frozen LoRA base weights skip the last.
-    passes = (4 if peft == "lora" else 6) + (2 if method == "dpo" else 0)  # DPO: the reference's forward
-    if method == "kto":  # half the rows trained, the mismatched half forward only, the reference over all rows
-        passes = (2 if peft == "lora" else 3) + 1 + 2
     return {
         "tokens_per_sec": statistics.median(real / seconds for seconds, real, _ in steps),
-        "model_flops_per_sec": statistics.median(
-            passes * (body * real + head * scored) / seconds for seconds, real, scored in steps
-        ),
+        "model_flops_per_sec": statistics.median(step_model_flops(method, peft, [step]) / step[0] for step in steps),
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -412,7 +424,8 @@ def apply_variant(variant: str, method: str) -> dict:
 
     import torch
 
-    from lightning_align.modules import base, dpo, reference, scoring
+    from lightning_align.modules import base, dpo, reference
+    from lightning_align.scoring import plan as scoring
 
     if variant == "padding_free":
         return {"padding_free": False}
@@ -526,13 +539,13 @@ def levers(peak: float, repeats: int) -> str:
 
 
 # ----- the comparison --------------------------------------------------------------------------------------------
-def compare(method: str, peft: str, peak: float, runs: dict[tuple, dict]) -> dict:
-    ours, theirs = runs["ours", method, peft, ""], runs["trl", method, peft, ""]
+def compare(method: str, peft: str, peak: float, runs: dict[tuple, dict], variant: str = "") -> dict:
+    ours, theirs = runs["ours", method, peft, variant], runs["trl", method, peft, ""]
     for r in (ours, theirs):
         r["mfu"] = r["model_flops_per_sec"] / peak
     return {
         "method": method,
-        "peft": peft,
+        "peft": peft + (" (both checkpointing)" if variant == "+gradient_checkpointing" else ""),
         "ours": ours,
         "trl": theirs,
         "speed_ratio": ours["tokens_per_sec"] / theirs["tokens_per_sec"],
@@ -570,20 +583,28 @@ def machine_line(peak: float, command: str, repeats: int) -> str:
     )
 
 
+def goal_text(row: dict) -> str:
+    if row["method"] not in GOALS:
+        return ""
+    speed, memory = GOALS[row["method"]]
+    met = row["speed_ratio"] >= speed and row["memory_ratio"] <= memory
+    return f">={speed:g}x, <={memory:g}: {'met' if met else 'not met'}"
+
+
 def table(rows: list[dict], peak: float, repeats: int, command: str) -> str:
     lines = [
         machine_line(peak, command, repeats),
         "",
         "| method | adapter | ours tokens/s | TRL tokens/s | speed ratio | ours peak MiB | TRL peak MiB | memory ratio "
-        "| ours MFU | TRL MFU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ours MFU | TRL MFU | goal (speed, memory) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         o, t = r["ours"], r["trl"]
         lines.append(
             f"| {r['method']} | {r['peft']} | {o['tokens_per_sec']:.0f} | {t['tokens_per_sec']:.0f} | "
             f"{r['speed_ratio']:.2f}x | {o['peak_mib']:.0f} | {t['peak_mib']:.0f} | {r['memory_ratio']:.2f} | "
-            f"{100 * o['mfu']:.1f}% | {100 * t['mfu']:.1f}% |"
+            f"{100 * o['mfu']:.1f}% | {100 * t['mfu']:.1f}% | {goal_text(r)} |"
         )
     return "\n".join(lines)
 
@@ -623,8 +644,12 @@ def main() -> None:
         write_section("Levers", f"{machine_line(peak, '--levers', args.repeats)}\n\n{legend}\n\n{text}")
         return
     combinations = COMBINATIONS if args.all else OBJECTIVES if args.objectives else [(args.method, args.peft)]
-    results = best_runs([(f, m, p, "") for m, p in combinations for f in ("ours", "trl")], args.repeats)
+    runs = [(f, m, p, "") for m, p in combinations for f in ("ours", "trl")]
+    checkpointed = [(m, p) for m, p in BOTH_CHECKPOINTING if args.all]
+    runs += [("ours", m, p, "+gradient_checkpointing") for m, p in checkpointed]
+    results = best_runs(runs, args.repeats)
     rows = [compare(method, peft, peak, results) for method, peft in combinations]
+    rows += [compare(m, p, peak, results, "+gradient_checkpointing") for m, p in checkpointed]
     command = (
         "--all" if args.all else "--objectives" if args.objectives else f"--method {args.method} --peft {args.peft}"
     )
