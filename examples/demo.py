@@ -1,5 +1,6 @@
-"""The full demo on the bundled tiny model: SFT -> DPO, SFT -> reward model -> PPO (with LoRA) and SFT -> GRPO
-(against the task's verifier), then a before/after table and a PNG of the training curves.
+"""The full demo on the bundled tiny model: SFT -> DPO, SFT -> reward model -> PPO (with LoRA), SFT -> GRPO
+(against the task's verifier) and SFT -> GRPO with a calculator tool (multi-turn episodes), then a before/after
+table and a PNG of the training curves.
 
 Run with `make demo`. Everything is built locally (tiny Llama-style model, character tokenizer, task data);
 nothing is downloaded. The SFT data mixes two answer styles ("123" and "Answer: 123"), as data pooled from
@@ -29,6 +30,7 @@ from lightning_align import (
     SFTModule,
 )
 from lightning_align.demos import task_accuracy, task_reward, tiny_model_path, write_task_data
+from lightning_align.demos.tool_use import calculator_stage
 
 RUN_DIR = Path("runs/demo")
 
@@ -145,6 +147,24 @@ def main() -> None:
     rows += [
         ("GRPO", "bare answer, correct", accuracy_before, accuracy_after),
         ("GRPO", "task reward (mean)", task_before, task_after),
+    ]
+
+    # 6. Tool use: SFT on 4-digit sums whose traces call a calculator half of the time (and answer alone the other
+    # half), then GRPO with the calculator; GRPO without it for comparison. Greedy episodes on unseen sums.
+    tools = calculator_stage(
+        sft_path, RUN_DIR / "tools", lambda name, steps: stage_trainer(name, steps, log_every_n_steps=5)
+    )
+    sft_tools, grpo_tools = tools["sft"], tools["grpo"]
+    rows += [
+        ("GRPO + calculator", "4-digit sums right", sft_tools["accuracy"], grpo_tools["accuracy"]),
+        ("GRPO + calculator", "tool calls per episode", sft_tools["tool_calls"], grpo_tools["tool_calls"]),
+        ("GRPO + calculator", "well-formed calls", sft_tools["well_formed"], grpo_tools["well_formed"]),
+        (
+            "GRPO without the tool",
+            "4-digit sums right",
+            tools["sft without the tool"]["accuracy"],
+            tools["grpo without the tool"]["accuracy"],
+        ),
     ]
 
     table = results_table(rows)

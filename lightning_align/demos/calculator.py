@@ -19,8 +19,8 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
-def calculator_prompt(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(10_000, 99_999), rng.randint(10_000, 99_999)
+def calculator_prompt(rng: random.Random, digits: int = 5) -> tuple[str, str]:
+    a, b = (rng.randint(10 ** (digits - 1), 10**digits - 1) for _ in range(2))
     return f"{a}+{b}=", str(a + b)
 
 
@@ -41,7 +41,19 @@ def tool_trace(prompt: str, answer: str) -> list[dict]:
     ]
 
 
-def write_calculator_data(folder: str | Path, n_train: int = 2000, n_val: int = 200, seed: int = 0) -> dict:
+def direct_trace(prompt: str, answer: str) -> list[dict]:
+    """The conversation that answers `prompt` without the tool."""
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def write_calculator_data(
+    folder: str | Path,
+    n_train: int = 2000,
+    n_val: int = 200,
+    seed: int = 0,
+    digits: int = 5,
+    tool_share: float = 1.0,
+) -> dict:
     """`calculator_sft_{train,val}.jsonl` (tool-use traces, with the tool's schema) and
     `calculator_prompts_{train,val}.jsonl` (prompts with their `answer`), disjoint halves of one seeded draw.
     Returns the paths by name."""
@@ -51,7 +63,7 @@ def write_calculator_data(folder: str | Path, n_train: int = 2000, n_val: int = 
     folder.mkdir(parents=True, exist_ok=True)
     tools = [get_json_schema(add)]  # what `ToolEnvironment([add], ...)` gives the template: SFT sees RL's prompts
     rng = random.Random(seed)
-    rows = [calculator_prompt(rng) for _ in range(2 * (n_train + n_val))]
+    rows = [calculator_prompt(rng, digits) for _ in range(2 * (n_train + n_val))]
     halves = {"sft": rows[: n_train + n_val], "prompts": rows[n_train + n_val :]}
     paths = {}
     for kind, pairs in halves.items():
@@ -59,11 +71,12 @@ def write_calculator_data(folder: str | Path, n_train: int = 2000, n_val: int = 
             path = folder / f"calculator_{kind}_{split}.jsonl"
             with open(path, "w") as f:
                 for prompt, answer in part:
-                    row = (
-                        {"messages": tool_trace(prompt, answer), "tools": tools}
-                        if kind == "sft"
-                        else {"prompt": prompt, "answer": answer}
-                    )
+                    if kind == "prompts":
+                        row = {"prompt": prompt, "answer": answer}
+                    elif rng.random() < tool_share:
+                        row = {"messages": tool_trace(prompt, answer), "tools": tools}
+                    else:
+                        row = {"messages": direct_trace(prompt, answer), "tools": tools}
                     f.write(json.dumps(row) + "\n")
             paths[f"calculator_{kind}_{split}"] = str(path)
     return paths
