@@ -57,7 +57,8 @@ def calculator_stage(start: str, folder: str | Path, make_trainer, sft_steps: in
 
     Returns held-out results (`tool_use_accuracy` on 100 unseen prompts) by name: "sft" and "grpo" with the
     calculator available, "sft without the tool" and "grpo without the tool"."""
-    from lightning_align import GRPOModule, PromptDataModule, SFTDataModule, SFTModule
+    from lightning_align.data import PromptDataModule, SFTDataModule
+    from lightning_align.modules import GRPOModule, SFTModule
 
     folder = Path(folder)
     data = write_calculator_data(folder / "data", digits=4, tool_share=0.5)
