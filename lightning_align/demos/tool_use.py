@@ -70,7 +70,7 @@ def calculator_stage(start: str, folder: str | Path, make_trainer, sft_steps: in
     make_trainer("calculator_sft", sft_steps).fit(sft, datamodule=traces)
     sft_path = str(sft.save_pretrained(folder / "calculator_sft" / "export", overwrite=True))
     results = {}
-    for with_tool, name in ((True, "grpo"), (False, "grpo without the tool")):
+    for with_tool, suffix in ((True, ""), (False, " without the tool")):
         environment = calculator_environment(with_tool)
         grpo = GRPOModule(
             sft_path,
@@ -81,7 +81,7 @@ def calculator_stage(start: str, folder: str | Path, make_trainer, sft_steps: in
             warmup_steps=5,
             # without the tool no 4-digit sum comes out right, so no batch has a learning signal: the comparison
             # runs its steps anyway instead of stopping
-            max_batches_without_signal=10 if with_tool else None,
+            **({} if with_tool else {"max_batches_without_signal": None}),
         )
         prompts = PromptDataModule(
             sft_path,
@@ -92,7 +92,7 @@ def calculator_stage(start: str, folder: str | Path, make_trainer, sft_steps: in
             apply_chat_template=False,  # episodes render their prompts with the template and the tools
         )
         grpo.configure_model()
-        results[name.replace("grpo", "sft")] = tool_use_accuracy(grpo, rows, environment)
-        make_trainer("calculator_" + name.replace(" ", "_"), grpo_steps).fit(grpo, datamodule=prompts)
-        results[name] = tool_use_accuracy(grpo, rows, environment)
+        results["sft" + suffix] = tool_use_accuracy(grpo, rows, environment)
+        make_trainer(("calculator_grpo" + suffix).replace(" ", "_"), grpo_steps).fit(grpo, datamodule=prompts)
+        results["grpo" + suffix] = tool_use_accuracy(grpo, rows, environment)
     return results
