@@ -431,6 +431,8 @@ def apply_variant(variant: str, method: str) -> dict:
         return {"padding_free": False}
     if variant == "+gradient_checkpointing":
         return {"gradient_checkpointing": True}
+    if variant == "+selective_checkpointing":
+        return {"gradient_checkpointing": "selective"}
     if variant == "+precomputed_reference":
         return {"precompute_ref_logps": True}
     if variant == "+compile":

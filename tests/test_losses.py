@@ -282,6 +282,21 @@ def test_output_layer_nll_matches_naive_mean_nll_with_gradients(chunk_size):
         torch.testing.assert_close(mine, theirs)
 
 
+def test_output_layer_nll_hands_its_weight_gradient_on_once_and_says_so_if_asked_twice():
+    from lightning_align.losses import output_layer_nll
+
+    hidden, weight, targets = output_layer_case(seed=1)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss = output_layer_nll(h, w, targets, normaliser=10, chunk_size=3)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran a second time"):
+        loss.backward()
+    # No scored position: a zero weight gradient, as a plain output layer's.
+    w.grad = None
+    output_layer_nll(h, w, targets[:0], normaliser=1).backward()
+    assert w.grad is not None and not w.grad.any()
+
+
 def test_output_layer_logps_without_grad_tracking_are_the_same_values():
     from lightning_align.losses import output_layer_logps
 

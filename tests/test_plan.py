@@ -106,12 +106,16 @@ def test_qlora_counts_the_body_in_nf4_and_the_rest_in_float32(llama_config):
     assert plan.weights_by_dtype["float32"] == 4 * (n - body + adapter)
 
 
-def test_checkpointing_shrinks_activations_and_the_batch_grows_them(llama_config):
+def test_checkpointing_full_and_selective_shrink_activations_and_the_batch_grows_them(llama_config):
     spec = RunSpec(llama_config, method="sft", micro_batch=4, max_length=128, scoring_check="off")
     plain = plan_run(spec).parts["activations"]
     checkpointed = plan_run(dataclasses.replace(spec, gradient_checkpointing=True)).parts["activations (checkpointed)"]
+    selective = plan_run(dataclasses.replace(spec, gradient_checkpointing="selective"))
     doubled = plan_run(dataclasses.replace(spec, micro_batch=8)).parts["activations"]
     assert checkpointed < 0.6 * plain
+    # Keeping what matrix products and attention computed holds more than full checkpointing, far less than none.
+    assert checkpointed < selective.parts["activations (checkpointed)"] < 0.8 * plain
+    assert "selective gradient checkpointing" in selective.spec.describe()
     assert 1.6 * plain < doubled < 2.2 * plain
 
 

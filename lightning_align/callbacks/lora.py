@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_align.modules.base import AlignModule, ModelAdapter
+from lightning_align.modules.checkpointing import checkpointing_kwargs
 from lightning_align.modules.reference import START_ADAPTER
 from lightning_align.modules.sharding import is_sharded
 from lightning_align.outputs import check_export_target, holds_only_an_export, may_replace, run_output_dir
@@ -346,7 +347,10 @@ class QLoRA(LoRA):
     def adapt(self, model: nn.Module, module: AlignModule) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=module.gradient_checkpointing)
+        # peft turns checkpointing on again here: with the module's own kind of it (full or selective).
+        setting = module.gradient_checkpointing
+        kwargs = checkpointing_kwargs(setting) if setting else None
+        model = prepare_model_for_kbit_training(model, bool(setting), gradient_checkpointing_kwargs=kwargs)
         return super().adapt(model, module)
 
     def merged_copy(self, model: nn.Module, module: AlignModule) -> nn.Module:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import lightning as L
 import torch
@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_align.modules.batches import BATCH_KINDS, DATA_MODULES, batch_kind, real_tokens, sequence_lengths
+from lightning_align.modules.checkpointing import checkpointing_mode, enable_checkpointing
 from lightning_align.modules.optimisation import adamw, clip_gradients
 from lightning_align.modules.pretrained import (
     disable_dropout,
@@ -74,7 +75,10 @@ class AlignModule(L.LightningModule):
             it), or an `nn.Module` instance.
         learning_rate, weight_decay, betas: AdamW settings (no weight decay on biases and norms).
         warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to `learning_rate * min_lr_ratio`.
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        gradient_checkpointing: recompute activations in the backward pass to save memory: True (or "full")
+            reruns each decoder layer's whole forward; "selective" keeps the matrix products' and attention's
+            outputs and reruns only the element-wise work between them (about half the activations, for a few
+            percent of the step; see `modules/checkpointing.py`).
         torch_dtype: dtype to load the weights in ("float32", "bfloat16"); by default the checkpoint's.
         nonfinite: what a non-finite loss or gradient does: "stop" the run with a message naming the step and
             batch (the checkpoints written before stay as they are), or "skip" the update and count it
@@ -94,7 +98,7 @@ class AlignModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | Literal["full", "selective"] = False,
         torch_dtype: str | None = None,
         nonfinite: str = "stop",
     ):
@@ -104,6 +108,7 @@ class AlignModule(L.LightningModule):
             raise ValueError(
                 f"warmup_steps must be >= 0 and min_lr_ratio in [0, 1], got {warmup_steps}, {min_lr_ratio}"
             )
+        checkpointing_mode(gradient_checkpointing)  # an unknown value fails here, not at the first batch
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"unknown nonfinite policy {nonfinite!r}; valid: {', '.join(NONFINITE_POLICIES)}")
         super().__init__()
@@ -138,8 +143,7 @@ class AlignModule(L.LightningModule):
         adapter = self.adapter
         if self.model is None:
             self.model = self.load_model(**(adapter.load_kwargs(self) if adapter else {}))
-        if self.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(self.model, self.gradient_checkpointing)
         if adapter is not None:
             self.model = adapter.adapt(self.model, self)
         if getattr(self, "disable_dropout", False):  # the modules that take `disable_dropout` (DPO, reward, PPO)

@@ -9,6 +9,7 @@ from unittest import mock
 
 import torch
 
+from lightning_align.losses.tokens import CHUNK_LOGITS
 from lightning_align.plan.formulas import (
     DDP_BUCKET_COPY,
     SHARDED,
@@ -33,7 +34,7 @@ def output_layer_note(spec: RunSpec, config) -> str:
             f"output layer: logits of the scored positions only (logits_to_keep, as sharded weights require); "
             f"full float32 logits would be {gib(full)}"
         )
-    chunk = max(1, 2**22 // vocab) * vocab * 4  # as losses.output_layer_logps
+    chunk = max(1, CHUNK_LOGITS // vocab) * vocab * 4  # as losses.output_layer_logps
     return (
         f"output layer: chunked, {gib(chunk)} of logits at a time (counted in the activations); full "
         f"[{spec.rows} x {spec.sequence} x {vocab}] float32 logits would be {gib(full)}"
@@ -156,6 +157,13 @@ def changes(spec: RunSpec) -> list[tuple[str, RunSpec]]:
     if not spec.gradient_checkpointing:
         out.append(
             (
+                "selective gradient checkpointing (same result, a few % slower)",
+                dataclasses.replace(spec, gradient_checkpointing="selective"),
+            )
+        )
+    if spec.gradient_checkpointing in (False, "selective"):
+        out.append(
+            (
                 "gradient checkpointing (same result, ~30% slower)",
                 dataclasses.replace(spec, gradient_checkpointing=True),
             )
@@ -202,7 +210,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision")
     parser.add_argument("--strategy")
     parser.add_argument("--devices", type=at_least(1))
-    parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    parser.add_argument(
+        "--gradient-checkpointing",
+        nargs="?",
+        const="full",
+        choices=["full", "selective"],
+        default=None,
+        help="plan with activation checkpointing: full (the default when given alone) or selective",
+    )
     args = parser.parse_args(argv)
     memory = parse_bytes(args.device_memory) if args.device_memory else local_device_memory()
     spec = spec_from_config(

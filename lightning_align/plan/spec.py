@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning_align.modules.checkpointing import checkpointing_mode
 from lightning_align.plan.formulas import (
     ALLOCATOR_SLACK,
     CUBLAS_WORKSPACE_BYTES,
@@ -44,7 +45,7 @@ class RunSpec:
     torch_dtype: str | None = None  # the module's own `torch_dtype` (the weights' dtype as loaded)
     strategy: str = "auto"
     devices: int = 1
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False  # as the module's: False, True / "full", "selective"
     micro_batch: int = 8
     max_length: int = 1024
     uses_reference: bool = True
@@ -82,6 +83,11 @@ class RunSpec:
         return self.uses_reference and not self.precompute_ref_logps and self.method in ("dpo", "kto", "ppo", "grpo")
 
     @property
+    def checkpointing(self) -> str | None:
+        """ "full", "selective" or None."""
+        return checkpointing_mode(self.gradient_checkpointing)
+
+    @property
     def response_description(self) -> str:
         if self.episode_tokens:
             return f" + {self.episode_tokens} per episode"
@@ -93,7 +99,7 @@ class RunSpec:
             f"{self.method}, {adapter}, {self.precision}, strategy {self.strategy} x {self.devices} device(s), "
             f"micro-batch {self.micro_batch} x {self.max_length} tokens"
             + (self.response_description if self.method in ("ppo", "grpo") else "")
-            + (", gradient checkpointing" if self.gradient_checkpointing else "")
+            + (f", {self.checkpointing} gradient checkpointing" if self.checkpointing else "")
             + (", precomputed reference log-probs" if self.precompute_ref_logps else "")
         )
 
@@ -230,7 +236,7 @@ def spec_from_config(path: str | Path, **overrides) -> RunSpec:
         "precision": str(trainer.get("precision", "32-true")),
         "strategy": trainer.get("strategy", "auto") if isinstance(trainer.get("strategy", "auto"), str) else "auto",
         "devices": trainer.get("devices", 1) if isinstance(trainer.get("devices", 1), int) else 1,
-        "gradient_checkpointing": bool(args.get("gradient_checkpointing", False)),
+        "gradient_checkpointing": args.get("gradient_checkpointing", False),
         "torch_dtype": args.get("torch_dtype"),
         "micro_batch": data.get("batch_size", 8),
         "max_length": data.get("max_length", 1024),
@@ -286,7 +292,7 @@ def spec_from_run(trainer, module, datamodule=None) -> RunSpec:
     values["strategy"] = known.get(strategy, f"deepspeed_stage_{stage}" if strategy == "DeepSpeedStrategy" else "auto")
     values.update(devices=trainer.world_size, precision=str(trainer.precision), torch_dtype=module.torch_dtype)
     values["accelerator"] = trainer.strategy.root_device.type
-    values["gradient_checkpointing"] = bool(module.gradient_checkpointing)
+    values["gradient_checkpointing"] = module.gradient_checkpointing
     datamodule = datamodule or getattr(trainer, "datamodule", None)
     if datamodule is not None:
         values.update(micro_batch=datamodule.batch_size, max_length=datamodule.max_length)

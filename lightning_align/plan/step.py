@@ -14,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
+from lightning_align.modules.checkpointing import enable_checkpointing
 from lightning_align.plan.formulas import nf4_bytes, text_config
 from lightning_align.plan.spec import RunSpec
 from lightning_align.scoring.model import eval_mode, unwrapped
@@ -53,7 +54,7 @@ def build_meta_model(spec: RunSpec, config) -> nn.Module:
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, spec.gradient_checkpointing)
         if spec.adapter:
             model.enable_input_require_grads()
     if spec.adapter:

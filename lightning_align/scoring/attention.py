@@ -31,20 +31,30 @@ def within_examples_attention(
     unknown = [name for name in UNHONOURED_ATTENTION_ARGUMENTS if kwargs.get(name) is not None]
     if unknown or getattr(module, "sinks", None) is not None:
         raise NotImplementedError(f"packed attention does not apply {unknown or ['sinks']}: score this model padded")
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
+    if query.shape[1] != key.shape[1] and not plain_causal(softcap, sliding_window, spans):
+        groups = query.shape[1] // key.shape[1]
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     rows = []
     for row, row_spans in enumerate(spans):
         q, k, v = query[row : row + 1], key[row : row + 1], value[row : row + 1]
+        # Each example's output as [1, length, heads, head_dim], so the joined row is already the layout the
+        # output projection reads (no copy of the whole row to make it contiguous).
         parts = [
-            example_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout, scaling, sliding_window, softcap)
+            example_attention(
+                q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout, scaling, sliding_window, softcap
+            ).transpose(1, 2)
             for a, b in row_spans
         ]
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows), None
+
+
+def plain_causal(softcap: float | None, sliding_window: int | None, spans) -> bool:
+    """Whether every example takes sdpa's own causal kernel (no soft-capping, no window shorter than it)."""
+    longest = max((b - a for row_spans in spans for a, b in row_spans), default=0)
+    return softcap is None and (sliding_window is None or sliding_window >= longest)
 
 
 # Arguments some Hugging Face attention modules pass that change the result and that this kernel does not apply.
@@ -52,10 +62,13 @@ UNHONOURED_ATTENTION_ARGUMENTS = ("s_aux", "sinks", "attention_chunk_size", "chu
 
 
 def example_attention(q, k, v, dropout: float, scaling: float, sliding_window: int | None, softcap: float | None):
-    """Causal attention over one example [1, heads, length, head_dim], within a window and soft-capped if asked."""
+    """Causal attention over one example [1, heads, length, head_dim], within a window and soft-capped if asked
+    (key and value may have fewer heads, a divisor of the query's, only where it is plain causal attention)."""
     length = q.shape[2]
     if softcap is None and (sliding_window is None or sliding_window >= length):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+        # Grouped-query attention reads each key/value head for its group of query heads, without repeating them.
+        gqa = q.shape[1] != k.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
     position = torch.arange(length, device=q.device)
     seen = position[None, :] <= position[:, None]
     if sliding_window is not None:

@@ -67,7 +67,7 @@ def test_sft_loss_by_the_chosen_path_equals_the_models_own_padded_forward(name, 
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True, "selective"])
 def test_dpo_logps_by_the_chosen_path_equal_the_models_own_padded_forward(name, checkpointing, model_folders, tmp_path):
     module = ready(DPOModule(model_folders(name), gradient_checkpointing=checkpointing), tmp_path=tmp_path)
     batch = padded(random_examples(module.model.config.vocab_size))
@@ -83,7 +83,7 @@ def test_dpo_logps_by_the_chosen_path_equal_the_models_own_padded_forward(name, 
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True, "selective"])
 def test_rewards_by_the_chosen_path_equal_the_models_own_padded_forward(name, checkpointing, model_folders, tmp_path):
     torch.manual_seed(0)
     module = ready(RewardModule(model_folders(name), gradient_checkpointing=checkpointing), tmp_path=tmp_path)
