@@ -77,8 +77,8 @@ COMBINATIONS = [
     ("dpo", "none"),
     ("dpo", "lora"),
 ]
-# TRL checkpoints activations by default: the reward model is also compared with ours checkpointing too.
-BOTH_CHECKPOINTING = [("reward", "none"), ("reward", "lora")]
+# TRL checkpoints activations by default (SFT, DPO, reward): each method is also compared with ours checkpointing too.
+BOTH_CHECKPOINTING = [("sft", "none"), ("reward", "none"), ("reward", "lora"), ("dpo", "none")]
 # The goals against TRL (speed at least, memory at most), printed beside each row.
 GOALS = {"sft": (5.0, 0.35), "dpo": (5.0, 0.35), "reward": (2.0, 0.9)}
 # The preference objectives beyond DPO, against TRL's KTOTrainer and its experimental ORPOTrainer.

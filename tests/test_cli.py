@@ -215,6 +215,19 @@ def test_gpu_configs_parse_and_build_on_cpu(config, demo_home, monkeypatch):
     assert expected[key] in (strategy if isinstance(strategy, str) else type(strategy).__name__)
 
 
+@pytest.mark.parametrize("value, expected", [("selective", "selective"), ("true", True), ("false", False)])
+def test_checkpointing_kind_is_selectable_from_the_command_line(value, expected, demo_home):
+    from lightning_align.cli import AlignCLI
+
+    class BuildOnly(AlignCLI):
+        def instantiate_trainer(self, **kwargs):
+            return None
+
+    config = next(c for c in CONFIGS if c.stem == "sft_full")
+    cli = BuildOnly(["--config", str(config), f"--model.gradient_checkpointing={value}"], run=False)
+    assert cli.model.gradient_checkpointing == expected and type(cli.model.gradient_checkpointing) is type(expected)
+
+
 def test_a_weighted_mixture_of_loss_types_is_selectable_from_yaml(demo_home, tmp_path):
     config = next(c for c in CONFIGS if c.stem == "dpo_full")
     mixture = ["--model.loss_type=[sigmoid, bco_pair, sft]", "--model.loss_weights=[0.8, 0.2, 1.0]"]
