@@ -227,7 +227,13 @@ DEFAULTS = [
     ("DPOConfig bco_pair shift", "0", "running mean", "`bco_running_mean=False`"),
     ("lr_scheduler_type", "'linear' decay", "warmup, then cosine to learning_rate * min_lr_ratio", ""),
     ("max_grad_norm", "1.0", "Lightning clips only when asked", "`trainer.gradient_clip_val: 1.0` (every config)"),
-    ("gradient_checkpointing", "True", "False", "`gradient_checkpointing=True`"),
+    (
+        "gradient_checkpointing",
+        "True",
+        "False",
+        "`gradient_checkpointing=True` (TRL's kind), or `\"selective\"`: keeps the matrix products' and attention's "
+        "outputs, reruns the element-wise work",
+    ),
     ("RLOOConfig.num_generations / beta", "2 / 0.05", "RLOOModule: the same", ""),
     ("ORPOTrainer's NLL", "prompt and completion tokens", "completion tokens", "`nll_on_prompt=True`"),
 ]
