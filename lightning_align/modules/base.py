@@ -77,8 +77,8 @@ class AlignModule(L.LightningModule):
         warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to `learning_rate * min_lr_ratio`.
         gradient_checkpointing: recompute activations in the backward pass to save memory: True (or "full")
             reruns each decoder layer's whole forward; "selective" keeps the matrix products' and attention's
-            outputs and reruns only the element-wise work between them (about half the activations, for a few
-            percent of the step; see `modules/checkpointing.py`).
+            outputs and reruns only the element-wise work between them (less memory than none, more than full, for
+            less of the speed; see `modules/checkpointing.py`).
         torch_dtype: dtype to load the weights in ("float32", "bfloat16"); by default the checkpoint's.
         nonfinite: what a non-finite loss or gradient does: "stop" the run with a message naming the step and
             batch (the checkpoints written before stay as they are), or "skip" the update and count it

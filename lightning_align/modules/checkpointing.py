@@ -5,9 +5,9 @@ between them: norms, rotary embeddings, activations, copies).
 
 Selective checkpointing changes no number: the rerun operators are deterministic and get the same inputs, so
 the gradients equal those without checkpointing (tests/modules/test_checkpointing.py, across the architecture
-grid). It keeps about half a decoder layer's activations (a Llama layer's MLP alone holds four
-[tokens, intermediate] tensors for its backward pass, of which it keeps two) for a rerun that costs a few percent of
-the step, where full checkpointing keeps one tensor per layer and reruns every matrix product.
+grid). Of a Llama layer's MLP, which holds four [tokens, intermediate] tensors for its backward pass, it keeps two.
+Measured on a CPU (benchmarks/NOTES.md, gqa shape): 7-12% less peak memory for 0-10% of the speed, where full
+checkpointing, which keeps one tensor per layer and reruns every matrix product, saved 16-25% for 15-27%.
 """
 
 from __future__ import annotations

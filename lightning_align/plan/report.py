@@ -157,7 +157,7 @@ def changes(spec: RunSpec) -> list[tuple[str, RunSpec]]:
     if not spec.gradient_checkpointing:
         out.append(
             (
-                "selective gradient checkpointing (same result, a few % slower)",
+                "selective gradient checkpointing (same result, up to ~10% slower)",
                 dataclasses.replace(spec, gradient_checkpointing="selective"),
             )
         )
