@@ -154,14 +154,14 @@ def plan_run(spec: RunSpec) -> Plan:
 def changes(spec: RunSpec) -> list[tuple[str, RunSpec]]:
     """Changes to try, cheapest first: those that keep the result the same before those that change it."""
     out = []
-    if not spec.gradient_checkpointing:
+    if spec.checkpointing is None:
         out.append(
             (
                 "selective gradient checkpointing (same result, up to ~10% slower)",
                 dataclasses.replace(spec, gradient_checkpointing="selective"),
             )
         )
-    if spec.gradient_checkpointing in (False, "selective"):
+    if spec.checkpointing != "full":
         out.append(
             (
                 "gradient checkpointing (same result, ~30% slower)",
