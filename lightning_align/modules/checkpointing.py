@@ -53,7 +53,7 @@ def checkpointing_mode(value: bool | str) -> str | None:
         raise ValueError(
             f"gradient_checkpointing must be one of {', '.join(map(repr, CHECKPOINTING_MODES))}, got {value!r}"
         )
-    if value is False:
+    if not value:  # False (or 0, which equals it)
         return None
     return "selective" if value == "selective" else "full"
 
